@@ -1,0 +1,116 @@
+"""Backend registry: which implementations of a loss family can run on given tensors, and why not.
+
+Each family (``"kd"`` for now) has one forward op per backend with the same signature (see
+``fastkd/reference/divergences.py`` for the contract):
+
+    torch   fastkd.reference.<family>.<op>           anywhere
+    cpp     torch.ops.fastkd.<op>   (CPU kernel)      CPU tensors, when the native build loads
+    cuda    torch.ops.fastkd.<op>   (CUDA kernel)     CUDA tensors, when built with CUDA kernels
+    triton  torch.ops.fastkd_triton.<op>              CUDA tensors; CPU tensors under TRITON_INTERPRET=1
+
+``choose`` picks the first available backend in a per-device order unless one is forced by
+the ``backend=`` argument or the ``FASTKD_BACKEND`` environment variable; a forced backend that
+cannot run raises with the reason. Nothing here touches a GPU at import.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+
+BACKENDS = ("torch", "cpp", "triton", "cuda")
+
+# family -> (reference module, op name). The op name is shared by every backend.
+FAMILIES: Dict[str, tuple] = {
+    "kd": ("fastkd.reference.divergences", "kd_fwd"),
+}
+
+# Automatic choice, fastest first. The triton interpreter is for tests only, never automatic.
+_AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+def _triton_reason(device_type: str) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (the interpreter, for tests)"
+    return f"triton does not run on {device_type} tensors"
+
+
+def _native_reason(family: str, device_type: str) -> Optional[str]:
+    from . import _native
+
+    want = {"cpp": "cpu", "cuda": "cuda"}
+    if not _native.load():
+        return "native extension unavailable: " + _native.reason()
+    op = FAMILIES[family][1]
+    if not _native.has_op(op):
+        return f"the native extension has no {op} op"
+    key = "CPU" if device_type == "cpu" else "CUDA"
+    if device_type not in want.values() or not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fastkd::{op}", key):
+        return f"no {key} kernel for fastkd::{op} in the native extension"
+    return None
+
+
+def reason(backend: str, family: str, device_type: str) -> Optional[str]:
+    """None when ``backend`` can run ``family`` on ``device_type`` tensors, else why not."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return _triton_reason(device_type)
+    if backend == "cpp" and device_type != "cpu":
+        return f"cpp runs on CPU tensors, these are on {device_type}"
+    if backend == "cuda" and device_type != "cuda":
+        return f"cuda runs on CUDA tensors, these are on {device_type}"
+    return _native_reason(family, device_type)
+
+
+def available_backends(device="cpu", family: str = "kd") -> Dict[str, Optional[str]]:
+    """Map each backend to None if it can run ``family`` on ``device`` here, else the reason.
+
+    >>> fastkd.available_backends("cpu")
+    {'torch': None, 'cpp': None, 'triton': 'triton runs on CPU tensors only under ...', 'cuda': '...'}
+    """
+    device_type = torch.device(device).type
+    return {b: reason(b, family, device_type) for b in BACKENDS}
+
+
+def choose(family: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend to run ``family`` with on ``device``: forced, from the environment, or auto."""
+    forced = backend if backend is not None else (os.environ.get("FASTKD_BACKEND") or None)
+    if forced is not None:
+        why = reason(forced, family, device.type)
+        if why is not None:
+            source = "backend=" if backend is not None else "FASTKD_BACKEND="
+            raise RuntimeError(f"{source}{forced!r} cannot run {family} here: {why}")
+        return forced
+    for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        if reason(name, family, device.type) is None:
+            return name
+    return "torch"
+
+
+def op(family: str, backend: str) -> Callable:
+    """The forward op of ``family`` for ``backend`` (all share one signature).
+
+    Plain import statements, not importlib: torch.compile(fullgraph=True) traces them.
+    """
+    module, name = FAMILIES[family]
+    if backend == "torch":
+        from . import reference
+
+        return getattr(getattr(reference, module.rsplit(".", 1)[1]), name)
+    if backend == "triton":  # importing a family module registers its fastkd_triton ops
+        if family == "kd":
+            from .triton import divergences  # noqa: F401
+        return getattr(torch.ops.fastkd_triton, name)
+    return getattr(torch.ops.fastkd, name)

@@ -1,0 +1,2 @@
+"""Pure-PyTorch implementations: the readable math, the CPU fallback and the kernels' contract."""
+from . import divergences  # noqa: F401,E402  (one module per loss family)

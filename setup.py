@@ -1,0 +1,33 @@
+"""Pure-Python install by default; FASTKD_BUILD_EXT=1 builds the native extension ahead of time.
+
+Without it, fastkd compiles ``fastkd/csrc`` on first use (``fastkd._native``), so an install never
+fails for want of a compiler.  ``FASTKD_BUILD_EXT=1 pip install --no-build-isolation .`` builds
+``fastkd._C`` here instead (CUDA sources too when torch has CUDA and nvcc is present).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("FASTKD_BUILD_EXT") == "1":
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    srcs = [os.path.relpath(p, here) for p in
+            [os.path.join(here, "fastkd", "csrc", "fastkd.cpp")]
+            + sorted(glob.glob(os.path.join(here, "fastkd", "csrc", "cpu", "*.cpp")))]
+    cuda_srcs = sorted(glob.glob(os.path.join(here, "fastkd", "csrc", "cuda", "*.cu")))
+    cflags = ["-O3", "-fopenmp"]
+    if torch.version.cuda and ce.CUDA_HOME and cuda_srcs:
+        ext = ce.CUDAExtension(
+            "fastkd._C", srcs + [os.path.relpath(p, here) for p in cuda_srcs],
+            extra_compile_args={"cxx": cflags + ["-DFASTKD_WITH_CUDA"], "nvcc": ["-O3", "-DFASTKD_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = ce.CppExtension("fastkd._C", srcs, extra_compile_args=cflags, extra_link_args=["-fopenmp"])
+    ext_modules = [ext]
+    cmdclass = {"build_ext": ce.BuildExtension.with_options(no_python_abi_suffix=True)}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,42 @@
+"""Shared test configuration.
+
+The one GPU marker lives here. Without CUDA, Triton kernels run in the interpreter on CPU
+tensors; that must be decided before fastkd's Triton modules are imported, hence the env var.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def backend_device(backend: str) -> str:
+    """Where a backend's tests run: the GPU when there is one, else the CPU (triton interpreted)."""
+    if backend == "cpp":
+        return "cpu"
+    if backend in ("triton", "cuda"):
+        return "cuda" if HAS_CUDA else "cpu"
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def skip_unless_available(backend: str, family: str = "kd") -> str:
+    """Skip with the registry's reason when ``backend`` cannot run here; returns the device.
+
+    CI sets FASTKD_REQUIRE_BACKENDS (e.g. "torch,cpp,triton") so that a backend that fails to
+    build there fails the run instead of silently skipping.
+    """
+    import fastkd._backend as B
+
+    device = backend_device(backend)
+    why = B.reason(backend, family, torch.device(device).type)
+    if why is not None:
+        required = os.environ.get("FASTKD_REQUIRE_BACKENDS", "").split(",")
+        if backend in required:
+            pytest.fail(f"backend {backend} is required here but unavailable: {why}")
+        pytest.skip(f"backend {backend} unavailable: {why}")
+    return device
