@@ -25,15 +25,19 @@ BACKENDS = ("torch", "cpp", "triton", "cuda")
 # family -> (reference module, op name). The op name is shared by every backend.
 FAMILIES: Dict[str, tuple] = {
     "kd": ("fastkd.reference.divergences", "kd_fwd"),
+    "sparse_kd": ("fastkd.reference.sparse", "sparse_kd_fwd"),
 }
 
 # Automatic choice, fastest first. The triton interpreter is for tests only, never automatic.
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
-def _triton_reason(device_type: str) -> Optional[str]:
+def _triton_reason(family: str, device_type: str) -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    module = FAMILIES[family][0].replace("fastkd.reference.", "fastkd.triton.")
+    if importlib.util.find_spec(module) is None:
+        return f"no triton kernel for {family} yet"
     if device_type == "cuda":
         return None
     if device_type == "cpu":
@@ -66,7 +70,7 @@ def reason(backend: str, family: str, device_type: str) -> Optional[str]:
     if backend == "torch":
         return None
     if backend == "triton":
-        return _triton_reason(device_type)
+        return _triton_reason(family, device_type)
     if backend == "cpp" and device_type != "cpu":
         return f"cpp runs on CPU tensors, these are on {device_type}"
     if backend == "cuda" and device_type != "cuda":
@@ -112,5 +116,7 @@ def op(family: str, backend: str) -> Callable:
     if backend == "triton":  # importing a family module registers its fastkd_triton ops
         if family == "kd":
             from .triton import divergences  # noqa: F401
+        elif family == "sparse_kd":
+            from .triton import sparse  # noqa: F401
         return getattr(torch.ops.fastkd_triton, name)
     return getattr(torch.ops.fastkd, name)

@@ -33,6 +33,23 @@ def _log_mix(w, lx, ly):
                            ly + math.log(1 - w) if w < 1 else ly - math.inf)
 
 
+def oracle_divergence(lt, ls, divergence, beta, skew):
+    """D(p, q) over the last dim from log-probabilities lt = log p, ls = log q."""
+    p, q = lt.exp(), ls.exp()
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
+        return _kl(lt, ls)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
+        return _kl(ls, lt)
+    if divergence == "jsd":
+        lm = _log_mix(beta, lt, ls)
+        return beta * _kl(lt, lm) + (1 - beta) * _kl(ls, lm)
+    if divergence == "skew_forward_kl":
+        return _kl(lt, _log_mix(skew, lt, ls))
+    if divergence == "skew_reverse_kl":
+        return _kl(ls, _log_mix(1 - skew, lt, ls))
+    return 0.5 * (p - q).abs().sum(-1)
+
+
 def oracle(s, t, labels=None, divergence="forward_kl", temperature=1.0, beta=0.5, skew=0.1,
            ignore_index=-100, hard_label_weight=0.0, soft_label_weight=1.0,
            scale_temperature=True, softcap=None, vocab_size=None, reduction="batchmean",
@@ -47,25 +64,20 @@ def oracle(s, t, labels=None, divergence="forward_kl", temperature=1.0, beta=0.5
     T = temperature
     ls = torch.log_softmax(cap(s) / T, -1)
     lt = torch.log_softmax(cap(t) / T, -1)
-    q, p = ls.exp(), lt.exp()
-    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
-        D = _kl(lt, ls)
-    elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
-        D = _kl(ls, lt)
-    elif divergence == "jsd":
-        D = beta * _kl(lt, _log_mix(beta, lt, ls)) + (1 - beta) * _kl(ls, _log_mix(beta, lt, ls))
-    elif divergence == "skew_forward_kl":
-        D = _kl(lt, _log_mix(skew, lt, ls))
-    elif divergence == "skew_reverse_kl":
-        D = _kl(ls, _log_mix(1 - skew, lt, ls))
-    else:
-        D = 0.5 * (p - q).abs().sum(-1)
+    D = oracle_divergence(lt, ls, divergence, beta, skew)
     row = soft_label_weight * D * (T * T if scale_temperature else 1.0)
+    return oracle_finish(row, cap(s), labels, ignore_index, hard_label_weight, reduction,
+                         num_items_in_batch)
+
+
+def oracle_finish(row, logits, labels, ignore_index, hard_label_weight, reduction,
+                  num_items_in_batch):
+    """Add the hard-label CE (logits at T=1), mask ignored rows, reduce."""
     if labels is not None:
         valid = labels != ignore_index
         lab = torch.where(valid, labels, torch.zeros_like(labels))
         if hard_label_weight:
-            ce = -torch.log_softmax(cap(s), -1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)
+            ce = -torch.log_softmax(logits, -1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)
             row = row + hard_label_weight * ce
         row = torch.where(valid, row, torch.zeros_like(row))
         count = valid.sum().clamp(min=1)
