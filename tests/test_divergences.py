@@ -107,32 +107,62 @@ def make_inputs(shape, dtype, device, label_mode="partial", scale=4.0, seed=0,
     return s, t, labels
 
 
-def run_both(s, t, labels, backend, teacher_grad=False, seed=1, **kw):
-    """(fastkd loss, oracle loss, fastkd grads, oracle grads) with a random grad_output."""
+def _forward_backward(s, t, labels, backend, teacher_grad, gout, **kw):
     s1 = s.detach().clone().requires_grad_()
     t1 = t.detach().clone().requires_grad_(teacher_grad)
     out = fastkd.kd_loss(s1, t1, labels, backend=backend, **kw)
+    (out.double() * gout).sum().backward()
+    return out, s1.grad, (t1.grad if teacher_grad else None)
+
+
+def run_both(s, t, labels, backend, teacher_grad=False, seed=1, **kw):
+    """(fastkd loss, oracle loss, fastkd grads, oracle grads) with a random grad_output.
+
+    The torch backend's result in the same dtype rides along on each fastkd tensor
+    (``_baseline``): assert_close allows a kernel twice the error of that baseline
+    (flash-attention's rule) on top of its fixed few-ulp tolerance.
+    """
     s2 = s.detach().double().requires_grad_()
     t2 = t.detach().double().requires_grad_(teacher_grad)
     ref = oracle(s2, t2, labels, **kw)
     g = torch.Generator().manual_seed(seed)
     gout = (torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5).to(s.device)
-    (out.double() * gout).sum().backward()
     (ref * gout).sum().backward()
-    grads = (s1.grad, t1.grad if teacher_grad else None)
-    ref_grads = (s2.grad, t2.grad if teacher_grad else None)
-    return out, ref, grads, ref_grads
+    out, gs, gt = _forward_backward(s, t, labels, backend, teacher_grad, gout, **kw)
+    if backend != "torch":
+        base = _forward_backward(s, t, labels, "torch", teacher_grad, gout, **kw)
+        for x, b in zip((out, gs, gt), base):
+            if x is not None:
+                x._baseline = b
+    return out, ref, (gs, gt), (s2.grad, t2.grad if teacher_grad else None)
 
 
-def assert_close(actual, expected, dtype, what, factor=4.0):
-    """Error within a few storage roundings of dtype, relative to the largest magnitude."""
+def _max_err(a, e):
+    return (a.double().cpu() - e.double().cpu()).abs().max().item() if e.numel() else 0.0
+
+
+def assert_close(actual, expected, dtype, what, factor=None):
+    """Error within a few storage roundings of dtype relative to the largest magnitude, or
+    within twice the torch backend's own error in the same dtype when that rides along.
+
+    float32 results carry the rounding of intermediates (logits / T, log-sum-exps of
+    magnitude ~|z|/T, sums over V) that are far larger than the outputs themselves, so the
+    float32 floor is 64 ulps of the largest output (~8e-6 relative); a wrong formula is off by
+    O(1). bf16/fp16 are dominated by the final rounding of outputs: 4 ulps.
+    """
+    if factor is None:
+        factor = 64.0 if dtype == torch.float32 else 4.0
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
     a, e = actual.double().cpu(), expected.double().cpu()
-    assert torch.isfinite(a).all() == torch.isfinite(e).all() or torch.equal(
-        torch.isfinite(a), torch.isfinite(e)), f"{what}: finiteness differs"
+    assert torch.equal(torch.isfinite(a), torch.isfinite(e)), f"{what}: finiteness differs"
+    fin = torch.isfinite(e)
+    a, e = a[fin], e[fin]
     mag = e.abs().max().item() if e.numel() else 0.0
     tol = factor * EPS[dtype] * max(mag, 1e-3) + 1e-6
-    err = (a - e).abs().max().item() if e.numel() else 0.0
+    base = getattr(actual, "_baseline", None)
+    if base is not None:
+        tol = max(tol, 2.0 * _max_err(base.double().cpu()[fin], e))
+    err = _max_err(a, e)
     assert err <= tol, f"{what}: max error {err:.3e} > tol {tol:.3e} (max |expected| {mag:.3e})"
 
 
@@ -293,8 +323,8 @@ def test_extreme_logits(backend, divergence):
                                                reduction="none")
         assert torch.isfinite(ref).all()
         assert torch.isfinite(out).all() and torch.isfinite(gs).all()
-        assert_close(out, ref, torch.float32, f"loss T={T}", factor=64)
-        assert_close(gs, rgs, torch.float32, f"grad T={T}", factor=64)
+        assert_close(out, ref, torch.float32, f"loss T={T}", factor=256)
+        assert_close(gs, rgs, torch.float32, f"grad T={T}", factor=256)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -47,13 +47,13 @@ def run_both(hs, ws, bs, ht, wt, bt, labels, backend, chunk_size=None, **kw):
 
 
 def check(out, ref, grads, ref_grads, dtype):
-    assert_close(out, ref, dtype, "loss", factor=8)
+    assert_close(out, ref, dtype, "loss", factor=None if dtype == torch.float32 else 8)
     for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref_grads):
         if rg is None:
             assert g is None
             continue
         # a matmul's rounding in low precision: a few ulps of the largest entry per K-sum
-        assert_close(g, rg, dtype, f"grad {name}", factor=8 if dtype == torch.float32 else 16)
+        assert_close(g, rg, dtype, f"grad {name}", factor=None if dtype == torch.float32 else 16)
 
 
 GRID = list(itertools.product(DIVS, ["batchmean", "sum", "none"], [torch.float32, torch.bfloat16]))
