@@ -26,6 +26,9 @@ BACKENDS = ("torch", "cpp", "triton", "cuda")
 FAMILIES: Dict[str, tuple] = {
     "kd": ("fastkd.reference.divergences", "kd_fwd"),
     "sparse_kd": ("fastkd.reference.sparse", "sparse_kd_fwd"),
+    "rkd_distance": ("fastkd.reference.relational", "rkd_distance_fwd"),
+    "rkd_angle": ("fastkd.reference.relational", "rkd_angle_fwd"),
+    "similarity_preserving": ("fastkd.reference.relational", "similarity_preserving_fwd"),
 }
 
 # Automatic choice, fastest first. The triton interpreter is for tests only, never automatic.
@@ -91,14 +94,21 @@ def available_backends(device="cpu", family: str = "kd") -> Dict[str, Optional[s
 def choose(family: str, device: torch.device, backend: Optional[str] = None) -> str:
     """The backend to run ``family`` with on ``device``: forced, from the environment, or auto."""
     forced = backend if backend is not None else (os.environ.get("FASTKD_BACKEND") or None)
+    return _choose(family, device.type, forced, backend is not None)
+
+
+# torch.compile evaluates this once while tracing and keeps the answer as a constant, instead
+# of tracing into the native loader (file system, compiler, locks).
+@torch.compiler.assume_constant_result
+def _choose(family: str, device_type: str, forced: Optional[str], from_argument: bool) -> str:
     if forced is not None:
-        why = reason(forced, family, device.type)
+        why = reason(forced, family, device_type)
         if why is not None:
-            source = "backend=" if backend is not None else "FASTKD_BACKEND="
+            source = "backend=" if from_argument else "FASTKD_BACKEND="
             raise RuntimeError(f"{source}{forced!r} cannot run {family} here: {why}")
         return forced
-    for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if reason(name, family, device.type) is None:
+    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+        if reason(name, family, device_type) is None:
             return name
     return "torch"
 
@@ -118,5 +128,7 @@ def op(family: str, backend: str) -> Callable:
             from .triton import divergences  # noqa: F401
         elif family == "sparse_kd":
             from .triton import sparse  # noqa: F401
+        elif family in ("rkd_distance", "rkd_angle", "similarity_preserving"):
+            from .triton import relational  # noqa: F401
         return getattr(torch.ops.fastkd_triton, name)
     return getattr(torch.ops.fastkd, name)
