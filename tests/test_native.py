@@ -1,0 +1,341 @@
+"""torch.ops.fastkd.kd_fwd (the C++ CPU kernel) against the float64 reference, op by op.
+
+Oracle: fastkd.reference.divergences.kd_fwd run in float64 on the *same* (already rounded)
+inputs. The kernel upcasts to fp32, so its error is bounded by fp32 arithmetic whatever the
+input dtype: at most twice that of the same reference run in float32, plus ~1e-5 relative.
+Gradients stored in fp16/bf16 may differ from the rounded float64 result by one rounding.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastkd import _native
+from fastkd.reference.divergences import DIVERGENCES
+from fastkd.reference.divergences import kd_fwd as ref_kd_fwd
+
+if not _native.load():
+    pytest.skip(f"native extension unavailable: {_native.reason()}", allow_module_level=True)
+
+op = torch.ops.fastkd.kd_fwd
+IGNORE = -100
+DIVS = list(DIVERGENCES.items())
+EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _cfg(**kw):
+    cfg = dict(divergence=0, temperature=1.0, beta=0.3, skew=0.1, ignore_index=IGNORE, soft_weight=1.0,
+               hard_weight=0.0, scale_temperature=True, softcap=0.0)
+    cfg.update(kw)
+    return cfg
+
+
+def _args(cfg):
+    return [cfg[k] for k in ("divergence", "temperature", "beta", "skew", "ignore_index", "soft_weight",
+                             "hard_weight", "scale_temperature", "softcap")]
+
+
+def run_native(s, t, labels, cfg, grad_s=True, grad_t=True, gs=None, gt=None):
+    """Calls the op with NaN-filled output buffers (so every entry must be written)."""
+    B, R, _ = s.shape
+    loss = torch.full((B, R), float("nan"))
+    if grad_s and gs is None:
+        gs = torch.full_like(s, float("nan"))
+    if grad_t and gt is None:
+        gt = torch.full_like(t, float("nan"))
+    op(s, t, labels, loss, gs if grad_s else None, gt if grad_t else None, *_args(cfg))
+    return loss, (gs if grad_s else None), (gt if grad_t else None)
+
+
+def run_ref(s, t, labels, cfg, dtype=torch.float64):
+    s, t = s.to(dtype), t.to(dtype)
+    loss = torch.empty(s.shape[:2], dtype=dtype)
+    gs, gt = torch.empty_like(s), torch.empty_like(t)
+    ref_kd_fwd(s, t, labels, loss, gs, gt, *_args(cfg))
+    return loss, gs, gt
+
+
+def _check(got, r64, r32, name, rtol=1e-5):
+    """|got - r64| <= 2 max|r32 - r64| + rtol (|r64| + 1e-2 max|r64|) + one rounding of got's dtype.
+
+    The float32 error term is the flash-attention rule (twice what PyTorch itself gets in the
+    kernel's working precision), taken over the whole tensor since rounding errors are random."""
+    g = got.double()
+    err = (g - r64).abs()
+    scale = r64.abs().nan_to_num(0, 0, 0)
+    err32 = (r32.double() - r64).abs().nan_to_num(0, 0, 0).max()
+    bound = 2 * err32 + rtol * (scale + 1e-2 * scale.max() + 1e-6)
+    if got.dtype != torch.float32:
+        tiny = torch.finfo(got.dtype).smallest_normal * EPS[got.dtype]  # the subnormal spacing
+        bound = bound + EPS[got.dtype] * scale * 1.01 + tiny
+    both_nan = g.isnan() & r64.isnan()
+    same_inf = g.isinf() & r64.isinf() & (g.sign() == r64.sign())
+    ok = (err <= bound) | both_nan | same_inf
+    if not bool(ok.all()):
+        i = int((~ok).flatten().nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int((~ok).sum())} / {ok.numel()} entries off; first at flat index {i}: "
+            f"got {g.flatten()[i].item()!r}, ref64 {r64.flatten()[i].item()!r}, ref32 {r32.flatten()[i].item()!r}, "
+            f"bound {bound.flatten()[i].item():.3g}; max err {err.nan_to_num(0, 0, 0).max().item():.3g}")
+
+
+def compare(s, t, labels, cfg, grad_s=True, grad_t=True, rtol=1e-5):
+    loss, gs, gt = run_native(s, t, labels, cfg, grad_s, grad_t)
+    l64, gs64, gt64 = run_ref(s, t, labels, cfg)
+    l32, gs32, gt32 = run_ref(s, t, labels, cfg, torch.float32)
+    _check(loss, l64, l32, "loss", rtol)
+    if grad_s:
+        _check(gs, gs64, gs32, "grad_student", rtol)
+    if grad_t:
+        _check(gt, gt64, gt32, "grad_teacher", rtol)
+    return loss, gs, gt
+
+
+def make(B, R, V, s_dtype=torch.float32, t_dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, R, V, generator=g) * scale
+    t = 0.6 * s + torch.randn(B, R, V, generator=g) * scale  # correlated, so divergences are moderate
+    return s.to(s_dtype), t.to(t_dtype)
+
+
+def make_labels(B, R, V, kind, seed=0):
+    if kind == "none":
+        return None
+    g = torch.Generator().manual_seed(seed + 1)
+    y = torch.randint(0, V, (B, R), generator=g)
+    if kind == "partial":
+        y[torch.rand(B, R, generator=g) < 0.3] = IGNORE
+        y.view(-1)[0] = IGNORE
+        y.view(-1)[-1] = V - 1
+    else:
+        y.fill_(IGNORE)
+    return y
+
+
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+          (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("scale_temperature", [True, False])
+@pytest.mark.parametrize("labels_kind,hard_weight", [("none", 0.0), ("partial", 0.0), ("partial", 0.5),
+                                                     ("all", 0.0), ("all", 0.5)])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+def test_matches_reference(div, softcap, dtypes, labels_kind, hard_weight, scale_temperature, temperature):
+    B, R, V = 3, 7, 401
+    s, t = make(B, R, V, *dtypes, seed=div[1], scale=12.0 if softcap else 3.0)
+    labels = make_labels(B, R, V, labels_kind)
+    cfg = _cfg(divergence=div[1], softcap=softcap, hard_weight=hard_weight, scale_temperature=scale_temperature,
+               temperature=temperature, soft_weight=0.8)
+    loss, gs, gt = compare(s, t, labels, cfg)
+    if labels_kind == "all":
+        assert bool((loss == 0).all()) and bool((gs == 0).all()) and bool((gt == 0).all())
+
+
+@pytest.mark.parametrize("grads", [(True, False), (False, True), (False, False)], ids=["gs", "gt", "none"])
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+def test_gradient_subsets(div, grads):
+    s, t = make(2, 5, 1271, seed=3)
+    labels = make_labels(2, 5, 1271, "partial")
+    compare(s, t, labels, _cfg(divergence=div[1], temperature=2.0, hard_weight=0.3), *grads)
+
+
+@pytest.mark.parametrize("shape", [(1, 41, 1271), (3, 7, 401), (2, 3, 1), (4, 1, 333), (1, 1, 17), (2, 2, 1024),
+                                   (1, 3, 2049)])
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+def test_odd_shapes(div, shape):
+    s, t = make(*shape, seed=5)
+    labels = make_labels(*shape, "partial")
+    compare(s, t, labels, _cfg(divergence=div[1], temperature=1.5, hard_weight=0.5))
+
+
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+def test_vocab_one(div):
+    s, t = make(2, 3, 1, seed=1)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    loss, gs, gt = compare(s, t, labels, _cfg(divergence=div[1], hard_weight=0.5))
+    assert bool((loss == 0).all()) and bool((gs == 0).all()) and bool((gt == 0).all())
+
+
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_and_inplace(div, dtype):
+    B, R, V = 3, 6, 403
+    g = torch.Generator().manual_seed(7)
+    sbase = (torch.randn(B, R + 1, V + 3, generator=g) * 3).to(dtype)
+    s = sbase[:, :-1, :V]                                                     # row-strided view
+    t = (torch.randn(R, B, V, generator=g) * 3).to(dtype).transpose(0, 1)     # stride(0) < stride(1)
+    assert not s.is_contiguous() and not t.is_contiguous()
+    labels = make_labels(B, R, V, "partial")
+    cfg = _cfg(divergence=div[1], temperature=2.0, hard_weight=0.5, softcap=20.0)
+    # strided grad buffers
+    gs = torch.full((B, R + 2, V + 5), float("nan"), dtype=dtype)[:, 1:-1, 2:V + 2]
+    gt = torch.full((R, B, V), float("nan"), dtype=dtype).transpose(0, 1)
+    loss, gs, gt = run_native(s, t, labels, cfg, gs=gs, gt=gt)
+    l64, gs64, gt64 = run_ref(s, t, labels, cfg)
+    l32, gs32, gt32 = run_ref(s, t, labels, cfg, torch.float32)
+    _check(loss, l64, l32, "loss")
+    _check(gs, gs64, gs32, "grad_student")
+    _check(gt, gt64, gt32, "grad_teacher")
+    # inplace: the gradients overwrite the (strided) logits themselves; same bits as out of place
+    s2, t2 = s.clone(), t.clone()
+    s_in, t_in = sbase.clone()[:, :-1, :V], t.transpose(0, 1).clone().transpose(0, 1)
+    loss2, _, _ = run_native(s_in, t_in, labels, cfg, gs=s_in, gt=t_in)
+    assert torch.equal(loss2, loss) and torch.equal(s_in, gs) and torch.equal(t_in, gt)
+    assert torch.equal(s, s2) and torch.equal(t, t2)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 10.0])
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+def test_extreme_logits(div, softcap, temperature):
+    B, R, V = 2, 4, 777
+    s, t = make(B, R, V, seed=11, scale=1e4)
+    cfg = _cfg(divergence=div[1], temperature=temperature, softcap=softcap, hard_weight=0.5)
+    labels = make_labels(B, R, V, "partial")
+    loss, gs, gt = compare(s, t, labels, cfg)
+    assert bool(loss.isfinite().all()) and bool(gs.isfinite().all()) and bool(gt.isfinite().all())
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+@pytest.mark.parametrize("div", [d for d in DIVS if d[0] != "reverse_kl"], ids=lambda d: d[0])
+def test_teacher_neg_inf(div, softcap):
+    """Teacher entries at -inf (masked vocabulary): 0 * log 0 = 0, everything stays finite."""
+    B, R, V = 2, 3, 301
+    s, t = make(B, R, V, seed=13)
+    t[..., ::3] = float("-inf")
+    t[0, 0, :-1] = float("-inf")  # a row where the teacher is one-hot
+    t[0, 0, -1] = 5.0
+    labels = make_labels(B, R, V, "none")
+    loss, gs, gt = compare(s, t, labels, _cfg(divergence=div[1], temperature=2.0, softcap=softcap))
+    assert bool(loss.isfinite().all()) and bool(gs.isfinite().all()) and bool(gt.isfinite().all())
+    if softcap == 0.0:
+        assert bool((gt[..., :-1:3] == 0).all())
+
+
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+def test_ignored_rows_never_read(div):
+    B, R, V = 2, 4, 129
+    s, t = make(B, R, V, seed=17)
+    labels = make_labels(B, R, V, "partial")
+    ign = labels == IGNORE
+    s[ign] = float("nan")
+    t[ign] = float("inf")
+    loss, gs, gt = run_native(s, t, labels, _cfg(divergence=div[1], hard_weight=0.5))
+    assert bool((loss[ign] == 0).all()) and bool((gs[ign] == 0).all()) and bool((gt[ign] == 0).all())
+    assert bool(loss.isfinite().all()) and bool(gs.isfinite().all()) and bool(gt.isfinite().all())
+
+
+@pytest.mark.parametrize("div", [d for d in DIVS if d[0] in ("forward_kl", "jsd", "reverse_kl")],
+                         ids=lambda d: d[0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_vocab_row(div, dtype):
+    s, t = make(1, 1, 256000, dtype, dtype, seed=19, scale=2.0)
+    compare(s, t, torch.tensor([[123457]]), _cfg(divergence=div[1], temperature=2.0, hard_weight=0.5))
+
+
+@pytest.mark.parametrize("skew", [0.0, 1.0])
+@pytest.mark.parametrize("div", ["skew_forward_kl", "skew_reverse_kl"])
+def test_skew_edges(div, skew):
+    s, t = make(2, 3, 211, seed=23)
+    compare(s, t, None, _cfg(divergence=DIVERGENCES[div], skew=skew))
+
+
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+def test_deterministic(div):
+    s, t = make(8, 16, 3001, torch.bfloat16, torch.float32, seed=29)
+    labels = make_labels(8, 16, 3001, "partial")
+    cfg = _cfg(divergence=div[1], temperature=2.0, hard_weight=0.5, softcap=30.0)
+    a = run_native(s, t, labels, cfg)
+    b = run_native(s, t, labels, cfg)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c = run_native(s, t, labels, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_streaming_stores(dtype):
+    """Gradients of 32 MB and more are written with non-temporal stores: same bits as small calls."""
+    B, R, V = 1, 272, 32771  # odd V: rows start at every alignment
+    s, t = make(B, R, V, dtype, dtype, seed=37)
+    labels = make_labels(B, R, V, "partial")
+    cfg = _cfg(divergence=0, temperature=2.0, hard_weight=0.5)
+    loss, gs, gt = run_native(s, t, labels, cfg)
+    assert (gs.numel() + gt.numel()) * gs.element_size() >= 32 << 20
+    for i in range(0, R, 17):
+        part = slice(i, i + 17)
+        l2, gs2, gt2 = run_native(s[:, part], t[:, part], labels[:, part], cfg)
+        assert torch.equal(l2, loss[:, part]) and torch.equal(gs2, gs[:, part]) and torch.equal(gt2, gt[:, part])
+
+
+def _opcheck_args(labels, grad_s, grad_t, div=0, hard=0.0):
+    s, t = make(2, 3, 37, seed=31)
+    y = make_labels(2, 3, 37, "partial") if labels else None
+    loss = torch.empty(2, 3)
+    gs = torch.empty_like(s) if grad_s else None
+    gt = torch.empty_like(t) if grad_t else None
+    return (s, t, y, loss, gs, gt, *_args(_cfg(divergence=div, temperature=2.0, hard_weight=hard)))
+
+
+@pytest.mark.parametrize("labels,grad_s,grad_t,div,hard", [
+    (False, True, False, 0, 0.0), (True, True, True, 2, 0.5), (True, False, False, 5, 0.0),
+    (False, False, True, 1, 0.0)])
+def test_opcheck(labels, grad_s, grad_t, div, hard):
+    torch.library.opcheck(op, _opcheck_args(labels, grad_s, grad_t, div, hard))
+
+
+def test_fake_kernel_traces():
+    args = _opcheck_args(True, True, True, 0, 0.5)
+
+    def f(s, t, y, loss, gs, gt):
+        op(s, t, y, loss, gs, gt, *args[6:])
+        return loss.sum()
+
+    eager = f(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args[:6]])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*[a.clone() if isinstance(a, torch.Tensor)
+                                                                      else a for a in args[:6]])
+    assert torch.equal(eager, compiled)
+
+
+def test_loader_api():
+    assert _native.load() and _native.reason() == "" and _native.has_op("kd_fwd")
+    assert not _native.has_op("no_such_op")
+    code = ("import warnings, fastkd._native as n\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    ok = n.load()\n"
+            "print(ok, len([x for x in w if 'fastkd' in str(x.message)]), n.reason())\n")
+    env = dict(os.environ, FASTKD_NO_NATIVE="1")  # disabled on purpose: no warning, a reason
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("False 0 ") and "FASTKD_NO_NATIVE" in out.stdout, out.stdout + out.stderr
+
+
+def test_errors():
+    s, t = make(2, 3, 11)
+    loss = torch.empty(2, 3)
+    bad = torch.tensor([[0, 1, 11], [0, 0, 0]])
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(s, t, bad, loss, None, None, *_args(_cfg(hard_weight=0.5)))
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(s, t, None, loss, torch.empty_like(s, dtype=torch.bfloat16), None, *_args(_cfg()))
+    with pytest.raises(RuntimeError, match="needs labels"):
+        op(s, t, None, loss, None, None, *_args(_cfg(hard_weight=0.5)))
+    with pytest.raises(RuntimeError, match="same shape"):
+        op(s, t[:, :2], None, loss, None, None, *_args(_cfg()))
+    with pytest.raises(RuntimeError, match="last dim"):
+        op(s.transpose(1, 2), t.transpose(1, 2), None, torch.empty(2, 11), None, None, *_args(_cfg()))
+    with pytest.raises(RuntimeError, match="beta"):
+        op(s, t, None, loss, None, None, *_args(_cfg(divergence=2, beta=1.0)))
+    storage = torch.randn(2 * 3 * 11 + 1)
+    with pytest.raises(RuntimeError, match="overlaps"):  # shifted by one entry: rows would race
+        op(storage[:-1].view(2, 3, 11), t, None, loss, storage[1:].view(2, 3, 11), None, *_args(_cfg()))
