@@ -29,6 +29,10 @@ FAMILIES: Dict[str, tuple] = {
     "rkd_distance": ("fastkd.reference.relational", "rkd_distance_fwd"),
     "rkd_angle": ("fastkd.reference.relational", "rkd_angle_fwd"),
     "similarity_preserving": ("fastkd.reference.relational", "similarity_preserving_fwd"),
+    "attention_transfer": ("fastkd.reference.attention", "attention_transfer_fwd"),
+    "attention_map": ("fastkd.reference.attention", "attention_map_fwd"),
+    # its backward op, attention_relation_bwd, sits next to it in every backend
+    "attention_relation": ("fastkd.reference.attention", "attention_relation_fwd"),
 }
 
 # Automatic choice, fastest first. The triton interpreter is for tests only, never automatic.
@@ -130,5 +134,7 @@ def op(family: str, backend: str) -> Callable:
             from .triton import sparse  # noqa: F401
         elif family in ("rkd_distance", "rkd_angle", "similarity_preserving"):
             from .triton import relational  # noqa: F401
+        elif family in ("attention_transfer", "attention_map", "attention_relation"):
+            from .triton import attention  # noqa: F401
         return getattr(torch.ops.fastkd_triton, name)
     return getattr(torch.ops.fastkd, name)

@@ -41,6 +41,26 @@ def _check_weight(name: str, value) -> float:
     return float(value)
 
 
+def _check_vocab(vs: int, vt: int, vocab_size, s_name: str, t_name: str) -> int:
+    """The vocabulary both sides are compared over: all of it, or the first vocab_size."""
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(f"{s_name} has {vs} vocabulary entries and {t_name} {vt}; "
+                             f"pass vocab_size=k to compare only the first k of both")
+        return vs
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
+            1 <= vocab_size <= min(vs, vt)):
+        raise ValueError(f"vocab_size must be an int in [1, {min(vs, vt)}] (the smaller "
+                         f"vocabulary), got {vocab_size!r}")
+    return vocab_size
+
+
+def _check_softcap(softcap) -> None:
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, Number)
+                                or not (0.0 < float(softcap) < math.inf)):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+
+
 def _check_reduction(reduction, num_items_in_batch) -> None:
     if reduction == "mean":
         raise ValueError(
@@ -278,22 +298,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"student_logits and teacher_logits must share their leading shape, got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
-    if vocab_size is None:
-        if vs != vt:
-            raise ValueError(f"student_logits has {vs} vocabulary entries and teacher_logits {vt}; "
-                             f"pass vocab_size=k to compare only the first k of both")
-        vocab = vs
-    else:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
-                1 <= vocab_size <= min(vs, vt)):
-            raise ValueError(f"vocab_size must be an int in [1, {min(vs, vt)}] (the smaller "
-                             f"vocabulary), got {vocab_size!r}")
-        vocab = vocab_size
+    vocab = _check_vocab(vs, vt, vocab_size, "student_logits", "teacher_logits")
     code, opts = _kd_options(divergence, temperature, beta, skew, ignore_index,
                              hard_label_weight, soft_label_weight, reduction, num_items_in_batch,
                              labels)
-    if softcap is not None and (not isinstance(softcap, Number) or not (0.0 < float(softcap) < math.inf)):
-        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    _check_softcap(softcap)
     if labels is not None:
         _check_labels(labels, student_logits.shape[:-1], student_logits.device, vocab,
                       ignore_index, check_range=hard_label_weight != 0.0)
@@ -435,7 +444,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     Hidden states are ``[..., H]`` (student and teacher H may differ); weights are lm_head
     weights ``[V, H]``. Gradients flow to student_hidden, student_weight and student_bias; the
     teacher side is a constant. Tokens are processed ``chunk_size`` rows at a time (default:
-    about 64 MiB of chunk logits on CPU, 256 MiB on GPU); rows whose label is ``ignore_index``
+    about 128 MiB of chunk logits on CPU, 256 MiB on GPU); rows whose label is ``ignore_index``
     cost no matmul. ``backend`` picks the kd kernel run on each chunk. Other keywords as in
     :func:`kd_loss`.
     """
@@ -449,22 +458,12 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(f"student_hidden and teacher_hidden must share their leading shape, got "
                          f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
-    vs, vt = student_weight.shape[0], teacher_weight.shape[0]
-    if vocab_size is None:
-        if vs != vt:
-            raise ValueError(f"student_weight has {vs} vocabulary rows and teacher_weight {vt}; "
-                             f"pass vocab_size=k to compare only the first k of both")
-        vocab = vs
-    else:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
-                1 <= vocab_size <= min(vs, vt)):
-            raise ValueError(f"vocab_size must be an int in [1, {min(vs, vt)}], got {vocab_size!r}")
-        vocab = vocab_size
+    vocab = _check_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab_size,
+                         "student_weight", "teacher_weight")
     code, (T, beta, skew, soft_w, hard_w) = _kd_options(
         divergence, temperature, beta, skew, ignore_index, hard_label_weight, soft_label_weight,
         reduction, num_items_in_batch, labels)
-    if softcap is not None and (not isinstance(softcap, Number) or not (0.0 < float(softcap) < math.inf)):
-        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    _check_softcap(softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -481,6 +480,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     rows = None
     if lab is not None:  # the one host sync: how many rows need matmul work
         rows = torch.nonzero(lab != ignore_index).squeeze(1)
+        if rows.numel() == n_rows:  # nothing ignored: plain slices, no gathers
+            rows = None
     denom = (_denominator(labels, n_rows, ignore_index, num_items_in_batch, dev)
              if reduction == "batchmean" else None)
     chunk = chunk_size or default_chunk_size(max(n_rows, 1), vocab, hs.dtype, ht.dtype, dev)
@@ -494,3 +495,623 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         None if teacher_bias is None else teacher_bias.detach(), lab, rows, denom, name,
         reduction, vocab, chunk, params, need)
     return out.reshape(lead) if reduction == "none" else out
+
+
+# --- relational
+# RKD distance / angle and similarity-preserving: losses on the geometry of a batch of
+# embeddings [N, ...] (flattened to [N, D]; student and teacher D may differ). The ops
+# (fastkd/reference/relational.py is their contract) return the loss and the student's
+# gradient in one call; backward only scales that gradient. The teacher is a constant.
+RELATIONAL_FAMILIES = ("rkd_distance", "rkd_angle", "similarity_preserving")
+
+
+def _check_embeddings(student, teacher) -> None:
+    for name, x in (("student", student), ("teacher", teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or "
+                            f"float64), got {x.dtype}")
+        if x.dim() < 1:
+            raise ValueError(f"{name} must be a batch of embeddings [N, ...], got a 0-d tensor")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher must be on student's device {student.device}, got {teacher.device}")
+    n = student.shape[0]
+    if teacher.shape[0] != n:
+        raise ValueError(f"student and teacher must hold the same number N of embeddings (dim 0), "
+                         f"got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}")
+    if n < 2:
+        raise ValueError(f"student must hold at least N=2 embeddings (relations need pairs), "
+                         f"got shape {tuple(student.shape)}")
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.numel() == 0:
+            raise ValueError(f"{name} embeddings are empty (shape {tuple(x.shape)}); need D >= 1")
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, Number) or not (0.0 < float(eps) < math.inf):
+        raise ValueError(f"eps must be a positive finite number (it clamps squared distances), "
+                         f"got {eps!r}")
+    return float(eps)
+
+
+def _check_huber_delta(huber_delta) -> float:
+    if isinstance(huber_delta, bool) or not isinstance(huber_delta, Number) or not (
+            0.0 <= float(huber_delta) < math.inf):
+        raise ValueError(f"huber_delta must be a finite number >= 0 (0 is L1), got {huber_delta!r}")
+    return float(huber_delta)
+
+
+class _RelationalFunction(torch.autograd.Function):
+    """One relational op in forward (loss + unscaled student gradient); backward scales it."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, family, backend, need_gs, params):
+        n = student.shape[0]
+        s2 = student.reshape(n, -1).contiguous()
+        t2 = teacher.reshape(n, -1).contiguous()
+        wide = torch.float64 in (student.dtype, teacher.dtype)
+        loss = torch.empty((), dtype=torch.float64 if wide else torch.float32,
+                           device=student.device)
+        gs = torch.empty(s2.shape, dtype=s2.dtype, device=s2.device) if need_gs else None
+        _backend.op(family, backend)(s2, t2, loss, gs, *params)
+        ctx.reduction = "sum"  # a scalar loss: backward multiplies by grad_output only
+        ctx.used = False
+        ctx.shape = student.shape
+        ctx.save_for_backward(gs)
+        return loss.to(student.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (gs,) = ctx.saved_tensors
+        (gs,) = _scale_stored_grads(ctx, grad_out, None, (gs,))
+        return (None if gs is None else gs.view(ctx.shape),) + (None,) * 5
+
+
+def _relational(family: str, student, teacher, backend, params) -> torch.Tensor:
+    name = _backend.choose(family, student.device, backend)
+    need_gs = torch.is_grad_enabled() and student.requires_grad
+    return _RelationalFunction.apply(student, teacher.detach(), family, name, need_gs, params)
+
+
+def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-12,
+                      huber_delta: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
+    """RKD distance loss (Park et al. 2019) between two batches of embeddings ``[N, ...]``.
+
+    d_ij = sqrt(max(|x_i - x_j|^2, eps)) (0 on the diagonal), each side divided by the mean of
+    its N(N-1) off-diagonal entries; the loss is the mean over all N^2 entries of smooth-L1
+    (beta = ``huber_delta``) between the student's and the teacher's normalized distances.
+    Duplicated rows sit at sqrt(eps) and pass no gradient to each other. Never holds an
+    N x N matrix (cpp, triton); the teacher gets no gradient.
+    """
+    _check_embeddings(student, teacher)
+    params = (_check_eps(eps), _check_huber_delta(huber_delta))
+    return _relational("rkd_distance", student, teacher, backend, params)
+
+
+def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, huber_delta: float = 1.0,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """RKD angle loss (Park et al. 2019) between two batches of embeddings ``[N, ...]``.
+
+    a_ijk = e_ij . e_ik with e_ij the unit vector from x_i to x_j (0 when x_j = x_i); the loss
+    is the mean over all N^3 triples of smooth-L1 (beta = ``huber_delta``) between the student's
+    and the teacher's angles. Computed from Gram tiles: never an N x N x D or N^3 tensor
+    (cpp, triton). The teacher gets no gradient.
+    """
+    _check_embeddings(student, teacher)
+    return _relational("rkd_angle", student, teacher, backend, (_check_huber_delta(huber_delta),))
+
+
+def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: float = 1.0,
+             angle_weight: float = 2.0, eps: float = 1e-12, huber_delta: float = 1.0,
+             backend: Optional[str] = None) -> torch.Tensor:
+    """``distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss`` (Park et al.'s
+    defaults 1 and 2); a term whose weight is 0 is not computed."""
+    _check_embeddings(student, teacher)
+    dw = _check_weight("distance_weight", distance_weight)
+    aw = _check_weight("angle_weight", angle_weight)
+    eps, delta = _check_eps(eps), _check_huber_delta(huber_delta)
+    terms = []
+    if dw != 0.0:
+        terms.append(dw * _relational("rkd_distance", student, teacher, backend, (eps, delta)))
+    if aw != 0.0:
+        terms.append(aw * _relational("rkd_angle", student, teacher, backend, (delta,)))
+    if not terms:
+        return torch.zeros((), dtype=student.dtype, device=student.device)
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor, *,
+                               backend: Optional[str] = None) -> torch.Tensor:
+    """Similarity-preserving loss (Tung and Mori 2019) between two batches ``[N, ...]``.
+
+    G = X X^T with each row L2-normalized (F.normalize(G)); the loss is the sum of squared
+    differences between the student's and the teacher's normalized Gram matrices over N^2.
+    The teacher gets no gradient.
+    """
+    _check_embeddings(student, teacher)
+    return _relational("similarity_preserving", student, teacher, backend, ())
+
+
+def feature_hint_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FitNets hint loss: mean squared error between the projected student and the teacher.
+
+    ``weight`` [Ct, Cs] (and ``bias`` [Ct]) project the student's features: a 1x1 convolution
+    over the channels of ``[N, Cs, H, W]`` inputs, a Linear over the last dim of any other
+    shape. The teacher (a constant) must have the projected shape.
+
+    Plain torch ops, no fused kernel: the projection is a matmul (N Cs Ct FLOPs, three times
+    that with backward) and the MSE one elementwise pass over N Ct values, so fusing them
+    would save a few percent of the time on CPU.
+    """
+    for name, x in (("student", student), ("teacher", teacher), ("weight", weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if student.dim() < 2:
+        raise ValueError(f"student must be [N, ..., C] or [N, C, H, W], got {tuple(student.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [teacher_dim, student_dim], got {tuple(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != weight.dtype:
+            raise TypeError(f"bias must be a tensor of weight's dtype {weight.dtype}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    conv = student.dim() == 4
+    channels = student.shape[1] if conv else student.shape[-1]
+    if channels != weight.shape[1]:
+        where = "dim 1 (channels of [N, C, H, W])" if conv else "last dim"
+        raise ValueError(f"student's {where} is {channels}, but weight expects student_dim="
+                         f"{weight.shape[1]}")
+    if weight.dtype != student.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match student's {student.dtype} "
+                        f"(move the module with .to(dtype))")
+    if conv:
+        proj = torch.nn.functional.conv2d(student, weight[:, :, None, None], bias)
+    else:
+        proj = torch.nn.functional.linear(student, weight, bias)
+    if teacher.shape != proj.shape:
+        raise ValueError(f"teacher must have the projected student's shape {tuple(proj.shape)}, "
+                         f"got {tuple(teacher.shape)}")
+    return torch.nn.functional.mse_loss(proj, teacher.detach().to(proj.dtype))
+
+
+# --- attention
+# Attention transfer (CNN feature maps), attention maps (TinyBERT / MiniLM) and attention
+# relations (MiniLMv2). fastkd/reference/attention.py is the contract of their ops and pins the
+# semantics. The teacher is a constant in all three (detached, as in the papers' code).
+from .reference.attention import MAP_KINDS  # noqa: E402
+
+ATTENTION_FAMILIES = ("attention_transfer", "attention_map", "attention_relation")
+AT_REDUCTIONS = ("mean", "sum", "none")
+MAP_REDUCTIONS = ("batchmean", "sum", "none")
+_QKV = ("q", "k", "v")
+
+
+def _check_float(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or "
+                        f"float64), got {x.dtype}")
+
+
+def _check_attention_mask(mask, B: int, L: int, device):
+    """A bool [B, L] tensor (True = token) from a bool or integer mask, or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must be a bool or integer tensor [B, L] with 1 for tokens "
+                        f"and 0 for padding, got {mask.dtype} (an additive float mask would be "
+                        f"read backwards)")
+    if tuple(mask.shape) != (B, L):
+        raise ValueError(f"attention_mask must be [B, L] = [{B}, {L}] (1 = token, 0 = padding), "
+                         f"got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"attention_mask must be on {device}, got {mask.device}")
+    return (mask != 0).contiguous()
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+class _AttentionTransferFunction(torch.autograd.Function):
+    """attention_transfer_fwd once (per-sample loss + unscaled gradient); backward scales it."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, backend, reduction, need_gs, p):
+        B, Cs = student.shape[:2]
+        s3 = _last_contiguous(student.reshape(B, Cs, -1))
+        t3 = _last_contiguous(teacher.reshape(B, teacher.shape[1], -1))
+        N = s3.shape[-1]
+        wide = torch.float64 in (student.dtype, teacher.dtype)
+        loss = torch.empty((B,), dtype=torch.float64 if wide else torch.float32,
+                           device=student.device)
+        gs = torch.empty(s3.shape, dtype=student.dtype, device=student.device) if need_gs else None
+        _backend.op("attention_transfer", backend)(s3, t3, loss, gs, p)
+        ctx.reduction = "sum"  # backward gets a ready, broadcastable scale
+        ctx.used = False
+        ctx.at = (reduction, B, N, student.shape)
+        ctx.save_for_backward(gs)
+        if reduction == "none":
+            out = loss / N
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss.sum() / (B * N)
+        return out.to(student.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (gs,) = ctx.saved_tensors
+        reduction, B, N, shape = ctx.at
+        if reduction == "none":
+            scale = grad_out.reshape(B, 1, 1) / N
+        elif reduction == "sum":
+            scale = grad_out
+        else:
+            scale = grad_out / (B * N)
+        (gs,) = _scale_stored_grads(ctx, scale, None, (gs,))
+        return (None if gs is None else gs.reshape(shape),) + (None,) * 5
+
+
+def _check_feature_pair(i, s, t) -> None:
+    sfx = "" if i is None else f"[{i}]"
+    _check_float(f"student_features{sfx}", s)
+    _check_float(f"teacher_features{sfx}", t)
+    for name, x in ((f"student_features{sfx}", s), (f"teacher_features{sfx}", t)):
+        if x.dim() < 3:
+            raise ValueError(f"{name} must be feature maps [B, C, H, W] (or [B, C, ...]), got "
+                             f"shape {tuple(x.shape)}")
+    if t.device != s.device:
+        raise ValueError(f"teacher_features{sfx} must be on student_features{sfx}' device "
+                         f"{s.device}, got {t.device}")
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"student_features{sfx} and teacher_features{sfx} must share the batch "
+                         f"size, got {tuple(s.shape)} and {tuple(t.shape)}")
+    if s.shape[2:] != t.shape[2:]:
+        raise ValueError(f"student_features{sfx} and teacher_features{sfx} must have the same "
+                         f"spatial size (channels may differ), got {tuple(s.shape)} and "
+                         f"{tuple(t.shape)}; resize one of them (e.g. F.interpolate) first")
+    if s.numel() == 0 or t.numel() == 0:
+        raise ValueError(f"student_features{sfx} and teacher_features{sfx} must be non-empty, got "
+                         f"{tuple(s.shape)} and {tuple(t.shape)}")
+
+
+def attention_transfer_loss(student_features, teacher_features, *, p: float = 2,
+                            reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
+    """Attention transfer (Zagoruyko and Komodakis 2017) between feature maps ``[B, C, H, W]``.
+
+    a(F) = F.normalize(mean over channels of |F|^p, over the H*W positions of each sample);
+    loss = mean over B*H*W of (a(student) - a(teacher))^2, as in the authors' ``at_loss``.
+    Channels may differ between student and teacher; batch and spatial sizes must match.
+    Lists (or tuples) of feature pairs give the sum of the pairs' losses.
+
+    reduction: ``"mean"`` (over B*H*W), ``"sum"`` (over B*H*W) or ``"none"`` (per sample, the
+    mean over H*W: shape [B]). p: a number >= 1. The teacher is a constant.
+    """
+    if isinstance(student_features, (list, tuple)) or isinstance(teacher_features, (list, tuple)):
+        if not (isinstance(student_features, (list, tuple)) and
+                isinstance(teacher_features, (list, tuple))):
+            raise TypeError("student_features and teacher_features must both be tensors or both "
+                            "be lists of tensors")
+        if len(student_features) != len(teacher_features) or not student_features:
+            raise ValueError(f"student_features and teacher_features must be non-empty lists of "
+                             f"the same length, got {len(student_features)} and "
+                             f"{len(teacher_features)}")
+        pairs = list(enumerate(zip(student_features, teacher_features)))
+    else:
+        pairs = [(None, (student_features, teacher_features))]
+    if isinstance(p, bool) or not isinstance(p, Number) or not (1.0 <= float(p) < math.inf):
+        raise ValueError(f"p must be a finite number >= 1, got {p!r}")
+    if reduction not in AT_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {AT_REDUCTIONS}, got {reduction!r}")
+    for i, (s, t) in pairs:
+        _check_feature_pair(i, s, t)
+    B = pairs[0][1][0].shape[0]
+    if any(s.shape[0] != B for _, (s, _) in pairs) and reduction == "none":
+        raise ValueError('reduction="none" needs the same batch size in every feature pair')
+    grad_on = torch.is_grad_enabled()
+    total = None
+    for _, (s, t) in pairs:
+        name = _backend.choose("attention_transfer", s.device, backend)
+        out = _AttentionTransferFunction.apply(s, t.detach(), name, reduction,
+                                               grad_on and s.requires_grad, float(p))
+        total = out if total is None else total + out
+    return total
+
+
+# attention maps
+class _AttentionMapFunction(torch.autograd.Function):
+    """attention_map_fwd once (row losses + unscaled gradient); backward scales it."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, mask, denom, backend, reduction, need_gs, params):
+        s4, t4 = _last_contiguous(student), _last_contiguous(teacher)
+        B, H, L, _ = s4.shape
+        wide = torch.float64 in (student.dtype, teacher.dtype)
+        loss = torch.empty((B, H, L), dtype=torch.float64 if wide else torch.float32,
+                           device=student.device)
+        gs = torch.empty(s4.shape, dtype=student.dtype, device=student.device) if need_gs else None
+        _backend.op("attention_map", backend)(s4, t4, mask, loss, gs, *params)
+        ctx.reduction = reduction
+        ctx.used = False
+        ctx.save_for_backward(gs, denom)
+        return _reduce(loss, reduction, denom, (B, H, L), student.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gs, denom = ctx.saved_tensors
+        (gs,) = _scale_stored_grads(ctx, grad_out, denom, (gs,))
+        return (gs,) + (None,) * 7
+
+
+def _check_head_map(head_map, Hs: int, Ht: int):
+    """head_map as a list of tuples of teacher heads (one tuple per student head)."""
+    if head_map is None:
+        if Hs != Ht:
+            raise ValueError(f"student_attn has {Hs} heads and teacher_attn {Ht}; pass head_map "
+                             f"(for each student head a teacher head, or a list of teacher heads "
+                             f"to average)")
+        return None
+    if isinstance(head_map, (str, bytes)) or not hasattr(head_map, "__len__"):
+        raise TypeError(f"head_map must be a list with one entry per student head, got "
+                        f"{type(head_map).__name__}")
+    if len(head_map) != Hs:
+        raise ValueError(f"head_map must have one entry per student head ({Hs}), got {len(head_map)}")
+    from numbers import Integral
+
+    def index(h):
+        return not isinstance(h, bool) and isinstance(h, Integral) and 0 <= h < Ht
+
+    groups = []
+    for e in head_map:
+        g = (e,) if isinstance(e, Integral) else tuple(e) if isinstance(e, (list, tuple)) else None
+        if not g or not all(index(h) for h in g):
+            raise ValueError(f"head_map entries must be teacher head indices in [0, {Ht}) or "
+                             f"non-empty lists of them, got {e!r}")
+        groups.append(tuple(int(h) for h in g))
+    return groups
+
+
+def _map_teacher_heads(teacher, groups, mask, kind, scores):
+    """The teacher map per student head: one head, or the mean of a group's heads.
+
+    kl averages attention probabilities (a group's softmaxes, for scores), so the result is
+    probabilities; mse averages the maps as given. Returns (teacher, teacher holds scores).
+    """
+    if groups is None:
+        return teacher, scores
+    if all(len(g) == 1 for g in groups):
+        idx = torch.tensor([g[0] for g in groups], device=teacher.device)
+        return teacher.index_select(1, idx), scores
+    acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
+    t = teacher.to(acc)
+    if kind == "kl" and scores:
+        if mask is not None:
+            t = t.masked_fill(~mask[:, None, None, :], float("-inf"))
+        t = torch.softmax(t, dim=-1).nan_to_num_(0.0)  # fully padded rows: ignored anyway
+        scores = False
+    M = torch.zeros((len(groups), teacher.shape[1]), dtype=acc, device=teacher.device)
+    for i, g in enumerate(groups):
+        for h in g:
+            M[i, h] += 1.0 / len(g)
+    return torch.einsum("gh,bhij->bgij", M, t), scores
+
+
+def attention_map_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor, *,
+                       kind: str = "kl", inputs: str = "probs",
+                       attention_mask: Optional[torch.Tensor] = None, head_map=None,
+                       reduction: str = "batchmean",
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """Distill transformer attention maps ``[B, H, L, L]`` (TinyBERT, MiniLM).
+
+    kind="kl": per query row, KL(teacher row || student row) summed over the keys.
+    kind="mse": squared error per entry (TinyBERT). inputs="probs": the maps are attention
+    probabilities; inputs="scores": pre-softmax scores (kl applies the softmax over the valid keys;
+    mse compares scores as TinyBERT does, with entries <= -100, i.e. additive-mask entries, as 0).
+    attention_mask [B, L] (1 = token) removes padded keys and padded query rows.
+    head_map: for each student head a teacher head index, or a list of teacher heads whose maps
+    are averaged (kl averages their probabilities); needed when the head counts differ.
+
+    reduction: "batchmean" = kl: sum over valid rows / (H * valid query rows), i.e. the mean per
+    valid query row over batch x heads; mse: sum / (H * valid entries), the mean squared error
+    over valid (query, key) entries. "sum", or "none" (per query row [B, H, L]: the row's KL or
+    its sum of squared errors, 0 on padded rows). The teacher is a constant.
+    """
+    _check_float("student_attn", student_attn)
+    _check_float("teacher_attn", teacher_attn)
+    for name, x in (("student_attn", student_attn), ("teacher_attn", teacher_attn)):
+        if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"{name} must be attention maps [B, H, L, L], got {tuple(x.shape)}")
+    if teacher_attn.device != student_attn.device:
+        raise ValueError(f"teacher_attn must be on student_attn's device {student_attn.device}, "
+                         f"got {teacher_attn.device}")
+    B, Hs, L, _ = student_attn.shape
+    if teacher_attn.shape[0] != B or teacher_attn.shape[2] != L:
+        raise ValueError(f"student_attn and teacher_attn must share batch size and length L, got "
+                         f"{tuple(student_attn.shape)} and {tuple(teacher_attn.shape)}")
+    if kind not in MAP_KINDS:
+        raise ValueError(f"kind must be one of {tuple(MAP_KINDS)}, got {kind!r}")
+    if inputs not in ("probs", "scores"):
+        raise ValueError(f'inputs must be "probs" or "scores", got {inputs!r}')
+    if reduction == "mean":
+        raise ValueError('reduction="mean" is ambiguous here; use "batchmean" (kl: mean per '
+                         'valid query row over batch x heads; mse: mean over valid entries), '
+                         '"sum" or "none"')
+    if reduction not in MAP_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {MAP_REDUCTIONS}, got {reduction!r}")
+    groups = _check_head_map(head_map, Hs, teacher_attn.shape[1])
+    mask = _check_attention_mask(attention_mask, B, L, student_attn.device)
+    scores = inputs == "scores"
+    teacher, t_scores = _map_teacher_heads(teacher_attn.detach(), groups, mask, kind, scores)
+    name = _backend.choose("attention_map", student_attn.device, backend)
+    need_gs = torch.is_grad_enabled() and student_attn.requires_grad
+    denom = None
+    if reduction == "batchmean":
+        dev = student_attn.device
+        if mask is None:
+            count = torch.tensor(float(Hs * B * L * (L if kind == "mse" else 1)), device=dev)
+        else:
+            n = mask.sum(1).to(torch.float32)
+            count = Hs * ((n * n).sum() if kind == "mse" else n.sum())
+        denom = count.clamp(min=1.0)
+    params = (MAP_KINDS[kind], scores, t_scores)
+    return _AttentionMapFunction.apply(student_attn, teacher, mask, denom, name, reduction,
+                                       need_gs, params)
+
+
+# attention relations
+class _AttentionRelationFunction(torch.autograd.Function):
+    """One relation (m, n): the forward op saves row log-sum-exps, the backward op recomputes.
+
+    ``xs_n`` / ``xt_n`` is None when it is the same tensor as ``xs_m`` / ``xt_m`` (q-q relations):
+    torch.compile cannot trace a Function that gets one tensor twice.
+    """
+
+    @staticmethod
+    def forward(ctx, xs_m, xs_n, xt_m, xt_n, mask, weight, backend, heads, scale_s, scale_t):
+        ctx.same = xs_n is None
+        xs_m = _last_contiguous(xs_m)
+        xs_n = xs_m if xs_n is None else _last_contiguous(xs_n)
+        xt_m = _last_contiguous(xt_m)
+        xt_n = xt_m if xt_n is None else _last_contiguous(xt_n)
+        B, L, _ = xs_m.shape
+        acc = weight.dtype
+        loss = torch.empty((B, heads, L), dtype=acc, device=xs_m.device)
+        lse_s = torch.empty_like(loss)
+        lse_t = torch.empty_like(loss)
+        _backend.op("attention_relation", backend)(xs_m, xs_n, xt_m, xt_n, mask, heads, scale_s,
+                                                   scale_t, loss, lse_s, lse_t)
+        ctx.cfg = (backend, heads, scale_s, scale_t)
+        ctx.save_for_backward(xs_m, xs_n, xt_m, xt_n, mask, weight, lse_s, lse_t)
+        return (loss.sum((1, 2)) * weight).sum().to(xs_m.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs_m, xs_n, xt_m, xt_n, mask, weight, lse_s, lse_t = ctx.saved_tensors
+        backend, heads, scale_s, scale_t = ctx.cfg
+        gm = torch.empty(xs_m.shape, dtype=xs_m.dtype, device=xs_m.device) \
+            if ctx.needs_input_grad[0] else None
+        gn = torch.empty(xs_n.shape, dtype=xs_n.dtype, device=xs_n.device) \
+            if ctx.needs_input_grad[1] or (ctx.same and gm is not None) else None
+        if gm is not None or gn is not None:
+            w = (weight * grad_out.to(weight.dtype)).contiguous()
+            _relation_bwd_op(backend)(xs_m, xs_n, xt_m, xt_n, mask, heads, scale_s, scale_t,
+                                      lse_s, lse_t, w, gm, gn)
+        if ctx.same:
+            return (None if gm is None else gm.add_(gn), None) + (None,) * 8
+        return (gm, gn) + (None,) * 8
+
+
+def _relation_bwd_op(backend: str):
+    _backend.op("attention_relation", backend)  # imports the triton module / loads native ops
+    if backend == "torch":
+        from .reference import attention
+
+        return attention.attention_relation_bwd
+    if backend == "triton":
+        return torch.ops.fastkd_triton.attention_relation_bwd
+    return torch.ops.fastkd.attention_relation_bwd
+
+
+def _states(name: str, states, needed) -> dict:
+    if isinstance(states, dict):
+        d = states
+    elif isinstance(states, (list, tuple)):
+        if len(states) != 3:
+            raise ValueError(f"{name} as a tuple must be (q, k, v), got {len(states)} entries")
+        d = dict(zip(_QKV, states))
+    else:
+        raise TypeError(f"{name} must be a dict with keys 'q', 'k', 'v' or a (q, k, v) tuple, got "
+                        f"{type(states).__name__}")
+    out = {}
+    for key in needed:
+        if key not in d:
+            raise ValueError(f"{name} has no {key!r} entry, which relations need")
+        x = d[key]
+        _check_float(f"{name}[{key!r}]", x)
+        if x.dim() != 3:
+            raise ValueError(f"{name}[{key!r}] must be [B, L, D], got {tuple(x.shape)}")
+        out[key] = x
+    return out
+
+
+def attention_relation_loss(student_states, teacher_states, *, num_relation_heads: int,
+                            relations=(("q", "q"), ("k", "k"), ("v", "v")),
+                            attention_mask: Optional[torch.Tensor] = None,
+                            backend: Optional[str] = None) -> torch.Tensor:
+    """Self-attention relation distillation (MiniLMv2), never materializing L x L (cpp, triton).
+
+    ``*_states``: dicts {"q", "k", "v"} (or (q, k, v) tuples) of one layer's projections
+    ``[B, L, D]``; student and teacher D may differ. Each is split into ``num_relation_heads``
+    heads of D/A channels; for a relation (m, n), R = softmax(X_m X_n^T / sqrt(D/A)) over the
+    valid keys, and the relation loss is KL(R_teacher || R_student) summed over keys, averaged
+    over relation heads and valid query rows of each sample, then over the samples that have a
+    token (a fully padded sequence counts for nothing), then over ``relations``.
+    attention_mask [B, L] (1 = token) removes padded keys from the softmax and padded query
+    rows from the average. The teacher is a constant.
+    """
+    if isinstance(relations, (str, bytes)) or not hasattr(relations, "__iter__"):
+        raise TypeError(f"relations must be a sequence of (m, n) pairs of 'q', 'k', 'v', got "
+                        f"{relations!r}")
+    rels = [tuple(r) if isinstance(r, (list, tuple)) else r for r in relations]
+    if not rels or any(not isinstance(r, tuple) or len(r) != 2 or any(x not in _QKV for x in r)
+                       for r in rels):
+        raise ValueError(f"relations must be a non-empty sequence of (m, n) pairs of 'q', 'k', "
+                         f"'v', got {relations!r}")
+    if isinstance(num_relation_heads, bool) or not isinstance(num_relation_heads, int) or \
+            num_relation_heads < 1:
+        raise ValueError(f"num_relation_heads must be a positive int, got {num_relation_heads!r}")
+    A = num_relation_heads
+    needed = sorted({x for r in rels for x in r}, key=_QKV.index)
+    st = _states("student_states", student_states, needed)
+    tt = _states("teacher_states", teacher_states, needed)
+    first = st[needed[0]]
+    B, L, dev = first.shape[0], first.shape[1], first.device
+    for name, d in (("student_states", st), ("teacher_states", tt)):
+        for key, x in d.items():
+            if x.shape[:2] != (B, L):
+                raise ValueError(f"{name}[{key!r}] must be [B, L, D] with B={B}, L={L}, got "
+                                 f"{tuple(x.shape)}")
+            if x.device != dev:
+                raise ValueError(f"{name}[{key!r}] must be on {dev}, got {x.device}")
+            if x.shape[2] % A:
+                raise ValueError(f"num_relation_heads={A} must divide the width of {name}[{key!r}] "
+                                 f"({x.shape[2]})")
+        for m, n in rels:
+            if d[m].shape[2] != d[n].shape[2]:
+                raise ValueError(f"{name}[{m!r}] and {name}[{n!r}] must have the same width to "
+                                 f"relate, got {d[m].shape[2]} and {d[n].shape[2]}")
+            if d[m].dtype != d[n].dtype:
+                raise TypeError(f"{name}[{m!r}] and {name}[{n!r}] must share a dtype, got "
+                                f"{d[m].dtype} and {d[n].dtype}")
+    mask = _check_attention_mask(attention_mask, B, L, dev)
+    wide = any(x.dtype == torch.float64 for d in (st, tt) for x in d.values())
+    acc = torch.float64 if wide else torch.float32
+    # per-sample weight of a row KL: 1 / (A * valid rows * samples with a token * relations)
+    if mask is None:
+        weight = torch.full((B,), 1.0 / (A * max(L, 1) * max(B, 1) * len(rels)), dtype=acc,
+                            device=dev)
+    else:
+        n = mask.sum(1).to(acc)
+        nonempty = n > 0
+        samples = nonempty.sum().clamp(min=1).to(acc)
+        weight = torch.where(nonempty, 1.0 / (A * n.clamp(min=1.0) * samples * len(rels)),
+                             torch.zeros((), dtype=acc, device=dev))
+    name = _backend.choose("attention_relation", dev, backend)
+    total = None
+    for m, n in rels:
+        xs_m, xs_n = st[m], st[n]
+        ds, dt = xs_m.shape[2] // A, tt[m].shape[2] // A
+        out = _AttentionRelationFunction.apply(
+            xs_m, None if xs_n is xs_m else xs_n, tt[m].detach(),
+            None if tt[n] is tt[m] else tt[n].detach(), mask, weight, name, A,
+            1.0 / math.sqrt(ds), 1.0 / math.sqrt(dt))
+        total = out if total is None else total + out
+    return total

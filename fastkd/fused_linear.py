@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import _backend
 
 # Bytes of chunk logits (student + teacher) to aim for; bounds the working set.
-_CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}
+_CHUNK_BYTES = {"cpu": 1 << 27, "cuda": 1 << 28}
 _VOCAB_BLOCK = 16384  # grad_weight is accumulated in vocab blocks of this many rows
 
 
@@ -89,11 +89,10 @@ def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, para
             rs = row_scale[c0:c1] if idx is None else row_scale.index_select(0, idx)
             g.mul_(rs.to(g.dtype).unsqueeze(1))
         if grad_hs is not None:
-            gh = g @ ws_k
             if idx is None:
-                grad_hs[c0:c1] = gh
+                torch.mm(g, ws_k, out=grad_hs[c0:c1])
             else:
-                grad_hs.index_copy_(0, idx, gh)
+                grad_hs.index_copy_(0, idx, g @ ws_k)
         if grad_ws is not None:
             _accumulate_weight_grad(grad_ws[:vocab], g, h_s)
         if grad_bs is not None:

@@ -112,3 +112,176 @@ class FusedLinearKDLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+# --- relational
+class RKDDistanceLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.rkd_distance_loss`.
+
+    >>> crit = fastkd.RKDDistanceLoss(huber_delta=1.0)
+    >>> loss = crit(student_embeddings, teacher_embeddings)   # [N, ...] each
+    """
+
+    def __init__(self, eps: float = 1e-12, huber_delta: float = 1.0,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.kwargs = dict(eps=F._check_eps(eps), huber_delta=F._check_huber_delta(huber_delta),
+                           backend=backend)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.rkd_distance_loss(student, teacher, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class RKDAngleLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.rkd_angle_loss`."""
+
+    def __init__(self, huber_delta: float = 1.0, backend: Optional[str] = None):
+        super().__init__()
+        self.kwargs = dict(huber_delta=F._check_huber_delta(huber_delta), backend=backend)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.rkd_angle_loss(student, teacher, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class RKDLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.rkd_loss`: distance_weight * distance + angle_weight * angle.
+
+    >>> crit = fastkd.RKDLoss(distance_weight=25.0, angle_weight=50.0)   # Park et al.'s CUB weights
+    """
+
+    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0,
+                 eps: float = 1e-12, huber_delta: float = 1.0, backend: Optional[str] = None):
+        super().__init__()
+        self.kwargs = dict(distance_weight=F._check_weight("distance_weight", distance_weight),
+                           angle_weight=F._check_weight("angle_weight", angle_weight),
+                           eps=F._check_eps(eps), huber_delta=F._check_huber_delta(huber_delta),
+                           backend=backend)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.rkd_loss(student, teacher, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class SimilarityPreservingLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.similarity_preserving_loss`."""
+
+    def __init__(self, backend: Optional[str] = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.similarity_preserving_loss(student, teacher, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class FeatureHintLoss(torch.nn.Module):
+    """FitNets hint loss: a learnable projection of the student's features to the teacher's
+    width, then the mean squared error (:func:`fastkd.feature_hint_loss`).
+
+    ``[N, C, H, W]`` features are projected by a 1x1 convolution over the channels, any other
+    shape by a Linear over the last dim; ``self.proj`` is an ``nn.Linear(student_dim,
+    teacher_dim)`` either way (its weight is the 1x1 kernel). Add its parameters to the
+    optimizer.
+
+    >>> hint = fastkd.FeatureHintLoss(student_dim=256, teacher_dim=1024)
+    >>> loss = hint(student_feats, teacher_feats)
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, bias: bool = True, device=None,
+                 dtype=None):
+        super().__init__()
+        for name, v in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.proj = torch.nn.Linear(student_dim, teacher_dim, bias=bias, device=device,
+                                    dtype=dtype)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.feature_hint_loss(student, teacher, self.proj.weight, self.proj.bias)
+
+
+# --- attention
+class AttentionTransferLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.attention_transfer_loss` (Zagoruyko and Komodakis).
+
+    >>> at = fastkd.AttentionTransferLoss(p=2)
+    >>> loss = at([s_feat1, s_feat2], [t_feat1, t_feat2])   # [B, C, H, W] pairs, summed
+    """
+
+    def __init__(self, p: float = 2, reduction: str = "mean", backend: Optional[str] = None):
+        super().__init__()
+        self.kwargs = dict(p=p, reduction=reduction, backend=backend)
+        probe = torch.zeros(1, 1, 1, 1)
+        F.attention_transfer_loss(probe, probe, **{**self.kwargs, "backend": "torch"})
+
+    def forward(self, student_features, teacher_features) -> torch.Tensor:
+        return F.attention_transfer_loss(student_features, teacher_features, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class AttentionMapLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.attention_map_loss` (TinyBERT, MiniLM attention maps).
+
+    >>> crit = fastkd.AttentionMapLoss(kind="kl", inputs="probs")
+    >>> loss = crit(student_attn, teacher_attn, attention_mask)   # [B, H, L, L] maps
+    """
+
+    def __init__(self, kind: str = "kl", inputs: str = "probs", head_map=None,
+                 reduction: str = "batchmean", backend: Optional[str] = None):
+        super().__init__()
+        self.kwargs = dict(kind=kind, inputs=inputs, head_map=head_map, reduction=reduction,
+                           backend=backend)
+        if head_map is None:
+            probe = torch.full((1, 1, 1, 1), 1.0)
+            F.attention_map_loss(probe, probe, **{**self.kwargs, "backend": "torch"})
+        else:  # validate everything but the head indices (the teacher's head count is unknown)
+            F.attention_map_loss(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1),
+                                 **{**self.kwargs, "head_map": None, "backend": "torch"})
+
+    def forward(self, student_attn, teacher_attn, attention_mask=None) -> torch.Tensor:
+        return F.attention_map_loss(student_attn, teacher_attn, attention_mask=attention_mask,
+                                    **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class AttentionRelationLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.attention_relation_loss` (MiniLMv2 self-attention relations).
+
+    >>> crit = fastkd.AttentionRelationLoss(num_relation_heads=12)
+    >>> loss = crit({"q": q_s, "k": k_s, "v": v_s}, {"q": q_t, "k": k_t, "v": v_t}, attention_mask)
+    """
+
+    def __init__(self, num_relation_heads: int, relations=(("q", "q"), ("k", "k"), ("v", "v")),
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.kwargs = dict(num_relation_heads=num_relation_heads,
+                           relations=tuple(tuple(r) if isinstance(r, list) else r
+                                           for r in relations)
+                           if isinstance(relations, (list, tuple)) else relations,
+                           backend=backend)
+        A = num_relation_heads if isinstance(num_relation_heads, int) and \
+            not isinstance(num_relation_heads, bool) and num_relation_heads > 0 else 1
+        probe = torch.zeros(1, 1, A)
+        F.attention_relation_loss((probe, probe, probe), (probe, probe, probe),
+                                  **{**self.kwargs, "backend": "torch"})
+
+    def forward(self, student_states, teacher_states, attention_mask=None) -> torch.Tensor:
+        return F.attention_relation_loss(student_states, teacher_states,
+                                         attention_mask=attention_mask, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -1,0 +1,409 @@
+"""Relational losses (RKD distance, RKD angle, similarity-preserving, FitNets hints) end to end,
+every backend against an independent float64 oracle.
+
+The oracle below follows Park et al.'s and Tung and Mori's code with plain torch ops in
+float64 (explicit pairwise differences, F.normalize, the N x N x N angle tensor) and autograd
+for the gradients; it shares no code with fastkd. Inputs are rounded to the tested dtype first
+and the oracle runs on the rounded values, so the error measured is the kernels' own: fp32
+arithmetic (including the Gram-identity cancellation) plus one rounding of the output.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from conftest import HAS_CUDA, skip_unless_available
+
+BACKENDS = ["torch", "cpp", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.8e-3, torch.float16: 9.8e-4, torch.float64: 2.2e-16}
+LOSSES = ["distance", "angle", "sp"]
+OPS = {"distance": "rkd_distance_fwd", "angle": "rkd_angle_fwd", "sp": "similarity_preserving_fwd"}
+FAMILY = {"distance": "rkd_distance", "angle": "rkd_angle", "sp": "similarity_preserving"}
+INTERPRETED = not HAS_CUDA  # triton runs in the interpreter: keep its shapes small
+
+
+# ----------------------------------------------------------------------------- oracle
+def _smooth_l1(z, beta):
+    az = z.abs()
+    return az if beta == 0 else torch.where(az < beta, 0.5 * z * z / beta, az - 0.5 * beta)
+
+
+def _park_pdist(e, eps):
+    """Park et al.'s pdist (squared distance clamped at eps, zero diagonal), from differences."""
+    diff = e.unsqueeze(1) - e.unsqueeze(0)
+    d = (diff * diff).sum(-1).clamp(min=eps).sqrt()
+    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
+    return torch.where(eye, torch.zeros_like(d), d)
+
+
+def oracle_distance(s, t, eps=1e-12, huber_delta=1.0):
+    off = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    ds, dt = _park_pdist(s, eps), _park_pdist(t, eps)
+    ds, dt = ds / ds[off].mean(), dt / dt[off].mean()  # = d[d > 0].mean() for eps > 0
+    return _smooth_l1(ds - dt, huber_delta).mean()
+
+
+def _park_angles(e):
+    u = e.unsqueeze(0) - e.unsqueeze(1)  # u[i, j] = e_j - e_i
+    n2 = (u * u).sum(-1, keepdim=True)
+    nz = n2 > 0
+    un = torch.where(nz, u / torch.where(nz, n2, torch.ones_like(n2)).sqrt(), torch.zeros_like(u))
+    return un @ un.transpose(1, 2)  # [i, j, k] = e_ij . e_ik
+
+
+def oracle_angle(s, t, huber_delta=1.0):
+    return _smooth_l1(_park_angles(s) - _park_angles(t), huber_delta).mean()
+
+
+def oracle_sp(s, t):
+    A, B = F.normalize(s @ s.T), F.normalize(t @ t.T)
+    return ((A - B) ** 2).sum() / s.shape[0] ** 2
+
+
+ORACLE = {"distance": oracle_distance, "angle": oracle_angle, "sp": oracle_sp}
+FN = {"distance": fastkd.rkd_distance_loss, "angle": fastkd.rkd_angle_loss,
+      "sp": fastkd.similarity_preserving_loss}
+KW = {"distance": dict(huber_delta=0.7), "angle": dict(huber_delta=0.6), "sp": {}}
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_pair(n, ds, dt, dtype, device, seed=0, dups=False, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, ds, generator=g, dtype=torch.float64) * scale + 0.5
+    t = torch.randn(n, dt, generator=g, dtype=torch.float64) * 2.0
+    if dups:  # duplicated rows: in the student only, in the teacher only, and in both
+        s[2], t[4] = s[0], t[1]
+        s[n - 1], t[n - 1] = s[1], t[1]
+    return s.to(dtype).to(device), t.to(dtype).to(device)
+
+
+def run_both(loss, s, t, backend, gout=0.7, **kw):
+    """(fastkd loss, oracle loss, fastkd grad, oracle grad) for grad_output = gout."""
+    kw = {**KW[loss], **kw}
+    x = s.detach().clone().requires_grad_()
+    out = FN[loss](x, t, backend=backend, **kw)
+    (out.double() * gout).backward()
+    x64 = s.detach().double().requires_grad_()
+    n = s.shape[0]  # [N, ...] inputs are flattened to [N, D]
+    ref = ORACLE[loss](x64.reshape(n, -1), t.detach().double().reshape(n, -1), **kw)
+    (ref * gout).backward()
+    return out, ref.detach(), x.grad, x64.grad
+
+
+def assert_close(actual, expected, dtype, what, rel32=4e-6, atol=1e-7):
+    """|error| <= (2 roundings of dtype + fp32 arithmetic) * max|expected| + atol."""
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    a, e = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    mag = e.abs().max().item()
+    tol = (2 * EPS[dtype] + rel32) * mag + atol
+    err = (a - e).abs().max().item()
+    assert err <= tol, f"{what}: max error {err:.3e} > tol {tol:.3e} (max |expected| {mag:.3e})"
+
+
+def _shape(loss, backend):
+    """Odd sizes that cross each backend's tiles: cpp strips of 128 rows (angle blocks of <= 64),
+    triton tiles of 16."""
+    if backend == "triton":
+        return (21, 19, 40) if loss == "angle" else (37, 45, 17)
+    if backend == "cpp":
+        return (67, 19, 40) if loss == "angle" else (263, 45, 17)
+    return (37, 45, 17)
+
+
+# ----------------------------------------------------------------------------- oracle agreement
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_oracle(backend, loss, dtype):
+    device = skip_unless_available(backend, FAMILY[loss])
+    n, ds, dt = _shape(loss, backend)
+    s, t = make_pair(n, ds, dt, dtype, device, seed=1, dups=True)
+    out, ref, g, rg = run_both(loss, s, t, backend)
+    assert_close(out, ref, dtype, "loss")
+    assert_close(g, rg, dtype, "grad student")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_and_degenerate_shapes(backend, loss):
+    """N = 2 and 3, D = 1 on both sides, [N, C, L] inputs, different student/teacher D."""
+    device = skip_unless_available(backend, FAMILY[loss])
+    for n, ds, dt in [(2, 3, 5), (3, 4, 2), (3, 1, 1), (5, 1, 3), (2, 1, 1)]:
+        s, t = make_pair(n, ds, dt, torch.float32, device, seed=n + ds)
+        out, ref, g, rg = run_both(loss, s, t, backend, gout=1.3)
+        assert_close(out, ref, torch.float32, f"loss {n}x{ds}")
+        # D = 1 angles are +-1, so their gradient is 0 up to fp32 noise in a_s - a_t
+        assert_close(g, rg, torch.float32, f"grad {n}x{ds}", atol=1e-6 if ds == 1 else 1e-7)
+    s, t = make_pair(6, 12, 8, torch.float32, device, seed=7)
+    out, ref, g, rg = run_both(loss, s.view(6, 3, 4), t.view(6, 2, 2, 2), backend)
+    assert g.shape == (6, 3, 4)
+    assert_close(out, ref, torch.float32, "loss [N, C, L]")
+    assert_close(g.view(6, 12), rg.view(6, 12), torch.float32, "grad [N, C, L]")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicates_give_finite_gradients(backend, loss):
+    """Duplicated rows: distance clamps at sqrt(eps) and passes no gradient between them; the
+    angle of a zero difference is 0; a fully collapsed student (all rows equal) is finite."""
+    device = skip_unless_available(backend, FAMILY[loss])
+    s, t = make_pair(9, 6, 4, torch.float32, device, seed=3, dups=True)
+    s[3:6] = s[6]  # a cluster of four equal rows
+    out, ref, g, rg = run_both(loss, s, t, backend)
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(g, rg, torch.float32, "grad")
+    if loss == "distance":  # equal rows pass each other nothing: the cluster's rows move alike
+        assert torch.isfinite(g).all()
+    collapsed = s[:1].expand(9, 6).contiguous()
+    out, ref, g, rg = run_both(loss, collapsed, t, backend)
+    assert torch.isfinite(out) and torch.isfinite(g).all()
+    assert_close(out, ref, torch.float32, "loss (collapsed student)")
+    assert_close(g, rg, torch.float32, "grad (collapsed student)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huber_delta_and_eps(backend):
+    """delta = 0 is L1; a larger eps (as a clamp of squared distances) is honoured; a small
+    spread around a large offset (kernels centre the rows) loses no accuracy."""
+    device = skip_unless_available(backend, "rkd_distance")
+    s, t = make_pair(11, 5, 7, torch.float32, device, seed=4, dups=True, scale=0.01)
+    for kw in (dict(huber_delta=5.0), dict(eps=1e-5, huber_delta=0.1)):
+        out, ref, g, rg = run_both("distance", s, t, backend, **kw)
+        assert_close(out, ref, torch.float32, f"distance {kw}")
+        assert_close(g, rg, torch.float32, f"distance grad {kw}")
+    # L1's gradient jumps where a_s = a_t (duplicated pairs on both sides): no duplicates here
+    s, t = make_pair(11, 5, 7, torch.float32, device, seed=4, scale=0.01)
+    out, ref, g, rg = run_both("distance", s, t, backend, huber_delta=0.0)
+    assert_close(out, ref, torch.float32, "distance L1")
+    assert_close(g, rg, torch.float32, "distance L1 grad")
+    out, ref, g, rg = run_both("angle", s[:9], t[:9], backend, huber_delta=0.0)
+    assert_close(out, ref, torch.float32, "angle L1")
+    assert_close(g, rg, torch.float32, "angle L1 grad", atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sp_zero_row(backend):
+    """A zero student row: its Gram row is 0 and F.normalize's eps takes over, as in torch."""
+    device = skip_unless_available(backend, "similarity_preserving")
+    s, t = make_pair(7, 5, 3, torch.float32, device, seed=5)
+    s[2] = 0
+    out, ref, g, rg = run_both("sp", s, t, backend)
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(g, rg, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_and_teacher_constant(backend):
+    device = skip_unless_available(backend, "rkd_angle")
+    s, _ = make_pair(10, 6, 6, torch.bfloat16, device, seed=6)
+    _, t = make_pair(10, 6, 9, torch.float32, device, seed=7)
+    t.requires_grad_()
+    out, ref, g, rg = run_both("angle", s, t, backend)
+    assert_close(out, ref, torch.bfloat16, "loss")
+    assert_close(g, rg, torch.bfloat16, "grad")
+    x = s.detach().clone().requires_grad_()
+    fastkd.rkd_loss(x, t, backend=backend).backward()
+    assert t.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rkd_loss_is_the_weighted_sum(backend):
+    device = skip_unless_available(backend, "rkd_angle")
+    s, t = make_pair(8, 5, 3, torch.float32, device, seed=8)
+    out, ref_d, _, _ = run_both("distance", s, t, backend, huber_delta=1.0)
+    _, ref_a, _, _ = run_both("angle", s, t, backend, huber_delta=1.0)
+    both = fastkd.rkd_loss(s, t, distance_weight=25.0, angle_weight=50.0, backend=backend)
+    assert_close(both, 25 * ref_d + 50 * ref_a, torch.float32, "rkd_loss")
+    only = fastkd.rkd_loss(s, t, angle_weight=0.0, backend=backend)
+    assert torch.equal(only, out)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_deterministic(backend, loss):
+    device = skip_unless_available(backend, FAMILY[loss])
+    s, t = make_pair(40 if backend == "cpp" else 20, 9, 5, torch.float32, device, seed=9)
+    res = []
+    for _ in range(2):
+        x = s.clone().requires_grad_()
+        out = FN[loss](x, t, backend=backend)
+        out.backward()
+        res.append((out, x.grad))
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_gradcheck_float64(backend, loss):
+    skip_unless_available(backend, FAMILY[loss])
+    s, t = make_pair(6, 4, 3, torch.float64, "cpu", seed=10, dups=loss != "angle")
+    s.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: FN[loss](a, t, backend=backend, **KW[loss]), (s,),
+                                    eps=1e-6, atol=1e-7)
+
+
+def _op(backend, loss):
+    if backend == "cpp":
+        return getattr(torch.ops.fastkd, OPS[loss])
+    import fastkd.triton.relational  # noqa: F401  (registers the fastkd_triton ops)
+    return getattr(torch.ops.fastkd_triton, OPS[loss])
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_opcheck(backend, loss, grad):
+    device = skip_unless_available(backend, FAMILY[loss])
+    s, t = make_pair(5, 4, 3, torch.float32, device, seed=11)
+    args = (s, t, torch.empty((), device=device), torch.empty_like(s) if grad else None,
+            *({"distance": (1e-12, 1.0), "angle": (1.0,), "sp": ()}[loss]))
+    torch.library.opcheck(_op(backend, loss), args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_torch_compile_fullgraph(backend):
+    device = skip_unless_available(backend, "rkd_distance")
+    if backend == "triton" and not HAS_CUDA:
+        pytest.skip("torch.compile cannot trace interpreted triton kernels on CPU tensors")
+    torch._dynamo.reset()
+
+    class Distill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(6, 8)
+            self.rkd = fastkd.RKDLoss(backend=backend)
+            self.sp = fastkd.SimilarityPreservingLoss(backend=backend)
+
+        def forward(self, h, teacher):
+            e = self.head(h)
+            return self.rkd(e, teacher) + self.sp(e, teacher)
+
+    torch.manual_seed(0)
+    m = Distill().to(device)
+    h, teacher = torch.randn(12, 6, device=device), torch.randn(12, 5, device=device)
+    eager = m(h, teacher)
+    eager.backward()
+    g_eager = m.head.weight.grad.clone()
+    m.zero_grad()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    out = compiled(h, teacher)
+    out.backward()
+    assert torch.allclose(out, eager, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(m.head.weight.grad, g_eager, rtol=1e-4, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- modules, FitNets
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_match_functions(backend):
+    device = skip_unless_available(backend, "rkd_angle")
+    s, t = make_pair(9, 4, 6, torch.float32, device, seed=12)
+    pairs = [(fastkd.RKDDistanceLoss(huber_delta=0.5, backend=backend),
+              fastkd.rkd_distance_loss(s, t, huber_delta=0.5, backend=backend)),
+             (fastkd.RKDAngleLoss(backend=backend), fastkd.rkd_angle_loss(s, t, backend=backend)),
+             (fastkd.RKDLoss(distance_weight=2.0, angle_weight=3.0, backend=backend),
+              fastkd.rkd_loss(s, t, distance_weight=2.0, angle_weight=3.0, backend=backend)),
+             (fastkd.SimilarityPreservingLoss(backend=backend),
+              fastkd.similarity_preserving_loss(s, t, backend=backend))]
+    for crit, expected in pairs:
+        assert torch.equal(crit(s, t), expected), repr(crit)
+    assert "huber_delta=0.5" in repr(pairs[0][0])
+
+
+def test_feature_hint_loss_linear_and_conv():
+    torch.manual_seed(0)
+    hint = fastkd.FeatureHintLoss(6, 10)
+    s, t = torch.randn(4, 7, 6, requires_grad=True), torch.randn(4, 7, 10)
+    loss = hint(s, t)
+    assert torch.allclose(loss, ((hint.proj(s) - t) ** 2).mean())
+    loss.backward()
+    assert hint.proj.weight.grad is not None and s.grad is not None
+    fm_s, fm_t = torch.randn(2, 6, 5, 3), torch.randn(2, 10, 5, 3)  # [N, C, H, W]: 1x1 conv
+    conv = torch.nn.Conv2d(6, 10, 1)
+    conv.weight.data.copy_(hint.proj.weight.data[:, :, None, None])
+    conv.bias.data.copy_(hint.proj.bias.data)
+    assert torch.allclose(hint(fm_s, fm_t), F.mse_loss(conv(fm_s), fm_t), rtol=1e-6)
+    assert fastkd.feature_hint_loss(fm_s, fm_t, hint.proj.weight, hint.proj.bias).shape == ()
+
+
+# ----------------------------------------------------------------------------- errors
+def _bad_calls():
+    s, t = torch.randn(5, 4), torch.randn(5, 3)
+    return [
+        ("same number N", ValueError, lambda: fastkd.rkd_distance_loss(s, torch.randn(4, 3))),
+        ("same number N", ValueError, lambda: fastkd.rkd_angle_loss(s, torch.randn(6, 4))),
+        ("same number N", ValueError, lambda: fastkd.similarity_preserving_loss(s, t[:2])),
+        ("N=2", ValueError, lambda: fastkd.rkd_distance_loss(s[:1], t[:1])),
+        ("N=2", ValueError, lambda: fastkd.rkd_angle_loss(s[:1], t[:1])),
+        ("N=2", ValueError, lambda: fastkd.similarity_preserving_loss(s[:1], t[:1])),
+        ("student must be a floating", TypeError, lambda: fastkd.rkd_distance_loss(s.long(), t)),
+        ("teacher must be a floating", TypeError, lambda: fastkd.rkd_angle_loss(s, t.int())),
+        ("student must be a floating", TypeError,
+         lambda: fastkd.similarity_preserving_loss(s.bool(), t)),
+        ("teacher must be a torch.Tensor", TypeError, lambda: fastkd.rkd_loss(s, [[1.0]])),
+        ("student must be a batch", ValueError, lambda: fastkd.rkd_loss(torch.tensor(1.0), t)),
+        ("student embeddings are empty", ValueError,
+         lambda: fastkd.rkd_distance_loss(torch.randn(5, 0), t)),
+        ("eps", ValueError, lambda: fastkd.rkd_distance_loss(s, t, eps=0.0)),
+        ("eps", ValueError, lambda: fastkd.RKDLoss(eps=-1e-3)),
+        ("huber_delta", ValueError, lambda: fastkd.rkd_angle_loss(s, t, huber_delta=-1.0)),
+        ("huber_delta", ValueError, lambda: fastkd.RKDDistanceLoss(huber_delta=float("inf"))),
+        ("angle_weight", ValueError, lambda: fastkd.rkd_loss(s, t, angle_weight=float("nan"))),
+        ("distance_weight", ValueError, lambda: fastkd.RKDLoss(distance_weight="1")),
+        ("backend", ValueError, lambda: fastkd.rkd_distance_loss(s, t, backend="numpy")),
+        ("student_dim", ValueError, lambda: fastkd.FeatureHintLoss(0, 4)),
+        ("teacher must have the projected", ValueError,
+         lambda: fastkd.FeatureHintLoss(4, 3)(s, torch.randn(5, 4))),
+        ("student_dim=4", ValueError, lambda: fastkd.FeatureHintLoss(4, 3)(t, t)),
+    ]
+
+
+@pytest.mark.parametrize("needle,exc,call", _bad_calls(),
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_is_a_clear_error(needle, exc, call):
+    with pytest.raises(exc, match=needle):
+        call()
+
+
+_MEMORY_CHILD = r"""
+import ctypes, gc, json, sys, torch, fastkd
+from fastkd import _native
+assert _native.load(), _native.reason()
+def rss(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+n, d = 4096, 8
+s, t = torch.randn(n, d), torch.randn(n, d)
+out = {}
+for name in ("rkd_distance_loss", "similarity_preserving_loss"):
+    fn = getattr(fastkd, name)
+    x = s.clone().requires_grad_()
+    fn(x, t, backend="cpp").backward()  # warm-up
+    gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = rss("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")
+    x = s.clone().requires_grad_()
+    fn(x, t, backend="cpp").backward()
+    out[name] = rss("VmHWM") - base
+print(json.dumps(out))
+"""
+
+
+def test_cpp_memory_is_not_quadratic():
+    """N = 4096, D = 8: one N x N float32 matrix is 64 MiB; the kernels need strips of 128 rows
+    (2 MiB each) and O(N D) vectors. Peak RSS of a fresh process, measured as the benchmark does."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    skip_unless_available("cpp", "rkd_distance")
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peaks = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, peak in peaks.items():
+        assert peak < 16 * 2**20, f"{name}: peak {peak / 2**20:.1f} MiB (an N x N matrix is 64 MiB)"
