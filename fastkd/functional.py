@@ -143,6 +143,8 @@ class _KDFunction(torch.autograd.Function):
 
         gs_full, gs = grad_buffer(student, s3, need_gs, inplace and not s_copied)
         gt_full, gt = grad_buffer(teacher, t3, need_gt, False)
+        params, reduction, denom = _fold_denominator(params, (5, 6), reduction, denom,
+                                                     need_gs or need_gt)
         if loss.numel() > 0:
             _backend.op(family, backend)(s3[..., :vocab], t3[..., :vocab], lab, loss, gs, gt,
                                          *params)
@@ -161,6 +163,26 @@ class _KDFunction(torch.autograd.Function):
         return (gs, gt) + (None,) * 10
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """True when reading t's value costs no device sync and no graph break (eager, CPU)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and \
+        not isinstance(t, torch._subclasses.FakeTensor)
+
+
+def _fold_denominator(params, weight_idx, reduction, denom, need_grad):
+    """On CPU, fold batchmean's 1/denominator into the soft/hard weights the kernel applies.
+
+    The stored gradient then already carries it, and a backward with grad_output == 1 (the
+    usual loss.backward()) returns it without another pass over N x V. Reading the CPU
+    denominator is free; on accelerators it would be a sync, so there nothing changes.
+    """
+    if reduction != "batchmean" or not need_grad or not _on_host(denom):
+        return params, reduction, denom
+    d = float(denom)
+    params = tuple(p / d if i in weight_idx else p for i, p in enumerate(params))
+    return params, "sum", None
+
+
 def _scale_stored_grads(ctx, grad_out, denom, bufs):
     """Backward of a loss whose unreduced gradients were computed in the forward.
 
@@ -173,6 +195,8 @@ def _scale_stored_grads(ctx, grad_out, denom, bufs):
                            "computed in the forward and scaled in place, so a second "
                            "backward (retain_graph=True) needs the loss recomputed")
     ctx.used = True
+    if inplace and ctx.reduction == "sum" and _on_host(grad_out) and float(grad_out) == 1.0:
+        return bufs  # already exact: nothing to scale
     g = grad_out.float()
     if ctx.reduction == "none":
         scale = g.unsqueeze(-1)
@@ -201,6 +225,7 @@ class _SparseKDFunction(torch.autograd.Function):
                            device=student.device)
         gs_full = torch.empty(student.shape, dtype=student.dtype, device=student.device) \
             if need_gs else None
+        params, reduction, denom = _fold_denominator(params, (6, 7), reduction, denom, need_gs)
         if loss.numel() > 0:
             _backend.op("sparse_kd", backend)(
                 s3, idx, val, lab, loss, None if gs_full is None else _rows3d(gs_full)[0],
