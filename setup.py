@@ -5,9 +5,21 @@ fails for want of a compiler.  ``FASTKD_BUILD_EXT=1 pip install --no-build-isola
 ``fastkd._C`` here instead (CUDA sources too when torch has CUDA and nvcc is present).
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
+
+
+def _native_flags(here):
+    """(cflags, ldflags) of the JIT build (fastkd/_native.py): -O3, -march from FASTKD_MARCH (default
+    native, where the compiler accepts it; without it the kernels are the scalar build) and -fopenmp.
+    Loaded from the file, so that building does not import the fastkd package."""
+    spec = importlib.util.spec_from_file_location("_fastkd_native_flags", os.path.join(here, "fastkd", "_native.py"))
+    native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native)
+    return native._cflags()
+
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("FASTKD_BUILD_EXT") == "1":
@@ -19,14 +31,14 @@ if os.environ.get("FASTKD_BUILD_EXT") == "1":
             [os.path.join(here, "fastkd", "csrc", "fastkd.cpp")]
             + sorted(glob.glob(os.path.join(here, "fastkd", "csrc", "cpu", "*.cpp")))]
     cuda_srcs = sorted(glob.glob(os.path.join(here, "fastkd", "csrc", "cuda", "*.cu")))
-    cflags = ["-O3", "-fopenmp"]
+    cflags, ldflags = _native_flags(here)
     if torch.version.cuda and ce.CUDA_HOME and cuda_srcs:
         ext = ce.CUDAExtension(
             "fastkd._C", srcs + [os.path.relpath(p, here) for p in cuda_srcs],
             extra_compile_args={"cxx": cflags + ["-DFASTKD_WITH_CUDA"], "nvcc": ["-O3", "-DFASTKD_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"])
+            extra_link_args=ldflags)
     else:
-        ext = ce.CppExtension("fastkd._C", srcs, extra_compile_args=cflags, extra_link_args=["-fopenmp"])
+        ext = ce.CppExtension("fastkd._C", srcs, extra_compile_args=cflags, extra_link_args=ldflags)
     ext_modules = [ext]
     cmdclass = {"build_ext": ce.BuildExtension.with_options(no_python_abi_suffix=True)}
 

@@ -80,7 +80,8 @@ def _needs_compile(build_dir: str, sources: list[str]) -> bool:
     built = glob.glob(os.path.join(build_dir, _NAME + "*.so"))
     if not built:
         return True
-    newest_src = max(os.path.getmtime(p) for p in sources)
+    headers = glob.glob(os.path.join(_CSRC, "**", "*.h"), recursive=True)  # e.g. cpu/vec_math.h
+    newest_src = max(os.path.getmtime(p) for p in sources + headers)
     return max(os.path.getmtime(p) for p in built) < newest_src
 
 

@@ -5,6 +5,7 @@ inputs. The kernel upcasts to fp32, so its error is bounded by fp32 arithmetic w
 input dtype: at most twice that of the same reference run in float32, plus ~1e-5 relative.
 Gradients stored in fp16/bf16 may differ from the rounded float64 result by one rounding.
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def _args(cfg):
 def run_native(s, t, labels, cfg, grad_s=True, grad_t=True, gs=None, gt=None):
     """Calls the op with NaN-filled output buffers (so every entry must be written)."""
     B, R, _ = s.shape
-    loss = torch.full((B, R), float("nan"))
+    loss = torch.full((B, R), float("nan"), dtype=torch.float64 if torch.float64 in (s.dtype, t.dtype) else None)
     if grad_s and gs is None:
         gs = torch.full_like(s, float("nan"))
     if grad_t and gt is None:
@@ -277,6 +278,57 @@ def test_streaming_stores(dtype):
         assert torch.equal(l2, loss[:, part]) and torch.equal(gs2, gs[:, part]) and torch.equal(gt2, gt[:, part])
 
 
+F64_DTYPES = [(torch.float64, torch.float64), (torch.float64, torch.bfloat16), (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize("dtypes", F64_DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+def test_float64_matches_reference(div, dtypes):
+    """An input in float64 (either side, any mix): float64 math and a float64 loss, matching the
+    float64 reference to ~1e-10 (gradients: up to one rounding to their buffer's dtype)."""
+    B, R, V = 2, 3, 203
+    for softcap, (labels_kind, hw), T in itertools.product([0.0, 20.0], [("none", 0.0), ("partial", 0.5), ("all", 0.5)],
+                                                           [1.0, 1.7]):
+        s, t = make(B, R, V, *dtypes, seed=div[1], scale=8.0 if softcap else 3.0)
+        labels = make_labels(B, R, V, labels_kind)
+        cfg = _cfg(divergence=div[1], softcap=softcap, hard_weight=hw, temperature=T, soft_weight=0.8)
+        loss = torch.full((B, R), float("nan"), dtype=torch.float64)
+        gs, gt = torch.full_like(s, float("nan")), torch.full_like(t, float("nan"))
+        op(s, t, labels, loss, gs, gt, *_args(cfg))
+        l64, gs64, gt64 = run_ref(s, t, labels, cfg)
+        what = f"softcap={softcap} {labels_kind} hw={hw} T={T}"
+        torch.testing.assert_close(loss, l64, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: loss: {m}")
+        for name, got, want in (("grad_student", gs, gs64), ("grad_teacher", gt, gt64)):
+            eps = 1e-10 if got.dtype == torch.float64 else torch.finfo(got.dtype).eps
+            torch.testing.assert_close(got.double(), want, rtol=eps, atol=1e-12,
+                                       msg=lambda m: f"{what}: {name}: {m}")
+        if labels_kind == "all":
+            assert bool((loss == 0).all()) and bool((gs == 0).all()) and bool((gt == 0).all())
+
+
+def test_float64_strided_inplace_deterministic():
+    B, R, V = 3, 5, 1100
+    g = torch.Generator().manual_seed(41)
+    sbase = torch.randn(B, R + 1, V + 3, generator=g, dtype=torch.float64) * 3
+    s = sbase[:, :-1, :V]
+    t = (torch.randn(R, B, V, generator=g) * 3).to(torch.bfloat16).transpose(0, 1)
+    labels = make_labels(B, R, V, "partial")
+    cfg = _cfg(divergence=2, temperature=2.0, hard_weight=0.5, softcap=20.0)
+    loss, gs, gt = run_native(s, t, labels, cfg, gs=torch.full_like(s, float("nan")))
+    l64, gs64, gt64 = run_ref(s, t, labels, cfg)
+    torch.testing.assert_close(loss, l64, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gs, gs64, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gt.double(), gt64, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-12)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        s_in = sbase.clone()[:, :-1, :V]  # inplace: the gradient overwrites the strided logits
+        loss1, _, gt1 = run_native(s_in, t, labels, cfg, gs=s_in)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(loss1, loss) and torch.equal(s_in, gs) and torch.equal(gt1, gt)
+
+
 def _opcheck_args(labels, grad_s, grad_t, div=0, hard=0.0):
     s, t = make(2, 3, 37, seed=31)
     y = make_labels(2, 3, 37, "partial") if labels else None
@@ -291,6 +343,12 @@ def _opcheck_args(labels, grad_s, grad_t, div=0, hard=0.0):
     (False, False, True, 1, 0.0)])
 def test_opcheck(labels, grad_s, grad_t, div, hard):
     torch.library.opcheck(op, _opcheck_args(labels, grad_s, grad_t, div, hard))
+
+
+def test_opcheck_float64():
+    args = list(_opcheck_args(True, True, True, 3, 0.5))
+    args[0], args[3], args[4] = args[0].double(), args[3].double(), args[4].double()  # student, loss, grad_s
+    torch.library.opcheck(op, args)
 
 
 def test_fake_kernel_traces():
@@ -336,6 +394,12 @@ def test_errors():
         op(s.transpose(1, 2), t.transpose(1, 2), None, torch.empty(2, 11), None, None, *_args(_cfg()))
     with pytest.raises(RuntimeError, match="beta"):
         op(s, t, None, loss, None, None, *_args(_cfg(divergence=2, beta=1.0)))
+    with pytest.raises(RuntimeError, match="float64 exactly when an input is float64"):
+        op(s.double(), t, None, loss, None, None, *_args(_cfg()))
+    with pytest.raises(RuntimeError, match="float64 exactly when an input is float64"):
+        op(s, t, None, loss.double(), None, None, *_args(_cfg()))
+    with pytest.raises(RuntimeError, match="float32, float16, bfloat16 or float64"):
+        op(s, t.to(torch.int32), None, loss, None, None, *_args(_cfg()))
     storage = torch.randn(2 * 3 * 11 + 1)
     with pytest.raises(RuntimeError, match="overlaps"):  # shifted by one entry: rows would race
         op(storage[:-1].view(2, 3, 11), t, None, loss, storage[1:].view(2, 3, 11), None, *_args(_cfg()))

@@ -51,9 +51,15 @@ TORCH_LIBRARY(fastkd, m) {
       "Tensor? mask, int num_heads, float scale_s, float scale_t, Tensor lse_student, Tensor lse_teacher, "
       "Tensor weight, Tensor(a!)? grad_m, Tensor(b!)? grad_n) -> ()");
 
-  // Later families go here, one block each, same conventions:
-  //   sparse_kd    (top-k teacher logits)
-  //   relational   (pairwise-distance / angle relational KD)
+  // sparse_kd family (fastkd/reference/sparse.py is the contract): distillation from a teacher
+  // stored as its top-k (indices, values) per row; per-row loss and the dense unreduced student
+  // gradient in one pass. grad_student must not overlap student.
+  m.def(
+      "sparse_kd_fwd(Tensor student, Tensor indices, Tensor values, Tensor? labels, Tensor(a!) loss, "
+      "Tensor(b!)? grad_student, int divergence, float temperature, float beta, float skew, int tail, "
+      "int ignore_index, float soft_weight, float hard_weight, bool scale_temperature) -> ()");
+
+  // Later families go here, one block each, same conventions.
 }
 
 // `import fastkd._C` (the ahead-of-time build from setup.py) needs a module init function; the

@@ -15,303 +15,14 @@
 // (grad_student aliasing student) safe. Sums run per vector lane in a fixed order (a two-level
 // cascade, or float64 where a gradient cancels against the sum), so results are bitwise the same
 // whatever the thread count.
+//
+// float64 inputs (either side; for gradcheck and debugging) take a separate scalar float64 path,
+// kd_row_f64 below: the reference's formulas entry by entry, not tuned for speed.
 
-// at::vec only emits vector code when a CPU_CAPABILITY_* macro is defined together with the
-// matching -m flags. Pick the widest one the compiler was told it may use (fastkd/_native.py
-// passes -march=native where accepted); without such flags this is the portable scalar build.
-// The vec namespace is named after fastkd so that none of its inline functions can be merged
-// with libtorch's own copies of the same names.
-#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_DEFAULT)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    defined(__FMA__)
-#define CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY fastkd_avx512
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CPU_CAPABILITY_AVX2
-#define CPU_CAPABILITY fastkd_avx2
-#endif
-#endif
-#ifndef CPU_CAPABILITY
-#define CPU_CAPABILITY fastkd_default
-#endif
-
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <memory>
-#include <type_traits>
+#include "vec_math.h"  // first: it selects the vector ISA (CPU_CAPABILITY) for the ATen headers
 
 namespace fastkd {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
-constexpr int64_t kPad = 4 * kW;    // scratch rows are padded with -inf up to a multiple of this
-constexpr int64_t kBlock = 1024;    // cascade-sum block and gradient staging block (multiple of kPad)
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// ---------------------------------------------------------------------------------------------
-// exp, inlined. Sleef's exp is an out-of-line call per vector and dominated the run time; this
-// is the Cephes single-precision polynomial (about 1 ulp), 0 for -inf, NaN for NaN.
-#if defined(CPU_CAPABILITY_AVX512)
-inline Vec vexp(const Vec& v) {
-  __m512 x = v;
-  const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-103.9f), _CMP_LT_OQ);  // exp < FLT_TRUE_MIN / 2
-  x = _mm512_max_ps(_mm512_set1_ps(-103.9f), x);  // NaN passes through (second operand)
-  x = _mm512_min_ps(_mm512_set1_ps(88.72f), x);
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_maskz_mov_ps(~zero, _mm512_scalef_ps(p, n));  // p * 2^n, with gradual underflow
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-inline Vec vexp(const Vec& v) {
-  __m256 x0 = v;
-  __m256 under = _mm256_cmp_ps(x0, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);  // below FLT_MIN: 0
-  __m256 x = _mm256_max_ps(_mm256_set1_ps(-87.33654f), x0);
-  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(under, res);
-}
-#else
-inline Vec vexp(const Vec& v) { return v.exp(); }
-#endif
-
-inline float hsum(const Vec& v) {  // fixed order
-  __at_align__ float t[kW];
-  v.store(t);
-  float s = 0.f;
-  for (int64_t i = 0; i < kW; ++i) s += t[i];
-  return s;
-}
-
-inline float hmax(const Vec& v) {  // NaN-propagating
-  __at_align__ float t[kW];
-  v.store(t);
-  float m = t[0];
-  for (int64_t i = 0; i < kW; ++i) {
-    if (std::isnan(t[i])) return t[i];
-    m = std::max(m, t[i]);
-  }
-  return m;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Pass A: one input row (float / Half / BFloat16) -> softcapped fp32 scratch row, -inf padded.
-template <typename T>
-inline Vec load_vec(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec v;
-    at::vec::load_to_float<T>(p, v);
-    return v;
-  }
-}
-
-// cap(z) = c tanh(z / c) and, when dcap is non-null, cap'(z) = 1 - tanh^2 = 4 e / (1 + e)^2 with
-// e = exp(-2 |z / c|): full relative precision where tanh saturates (1 - tanh^2 from a rounded
-// tanh cancels). tanh: Cephes' odd polynomial below 0.625, (1 - e) / (1 + e) above (~2 ulp).
-inline Vec softcap_vec(const Vec& z, const Vec& vc, const Vec& vinvc, float* dcap) {
-  const Vec zero(0.f), one(1.f);
-  const Vec u = z * vinvc, a = u.abs();
-  const Vec e = vexp(Vec(-2.f) * a), r = one / (one + e);
-  if (dcap) (Vec(4.f) * e * r * r).store(dcap);
-  const Vec big = (one - e) * r, u2 = u * u;
-  Vec small = at::vec::fmadd(Vec(-5.70498872745E-3f), u2, Vec(2.06390887954E-2f));
-  small = at::vec::fmadd(small, u2, Vec(-5.37397155531E-2f));
-  small = at::vec::fmadd(small, u2, Vec(1.33314422036E-1f));
-  small = at::vec::fmadd(small, u2, Vec(-3.33332819422E-1f));
-  small = at::vec::fmadd(small * u2, u, u);
-  const Vec th = Vec::blendv(Vec::blendv(big, zero - big, u < zero), small, a < Vec(0.625f));
-  return vc * th;
-}
-
-template <typename T>
-float load_row(const void* src_, int64_t V, float* dst, int64_t Vpad, float softcap, float* dcap) {
-  const T* src = static_cast<const T*>(src_);
-  const Vec ninf(-kInf), vc(softcap), vinvc(softcap != 0.f ? 1.f / softcap : 0.f);
-  const bool capped = softcap != 0.f;
-  Vec vmax(-kInf);
-  int64_t j = 0;
-  for (; j + kW <= V; j += kW) {
-    Vec x = load_vec<T>(src + j);
-    if (capped) x = softcap_vec(x, vc, vinvc, dcap ? dcap + j : nullptr);
-    x.store(dst + j);
-    vmax = at::vec::maximum(vmax, x);
-  }
-  if (j < V) {
-    __at_align__ float t[kW];
-    for (int64_t i = 0; i < V - j; ++i) t[i] = static_cast<float>(src[j + i]);
-    Vec x = Vec::loadu(t, V - j);
-    if (capped) x = softcap_vec(x, vc, vinvc, dcap ? dcap + j : nullptr);
-    x = Vec::set(ninf, x, V - j);
-    x.store(dst + j);
-    vmax = at::vec::maximum(vmax, x);
-    j += kW;
-  }
-  for (; j < Vpad; j += kW) ninf.store(dst + j);
-  return hmax(vmax);
-}
-
-// Pass D output: n fp32 gradient entries -> the buffer's dtype. STREAM uses non-temporal stores
-// (no read-for-ownership of lines that are about to be overwritten whole: a quarter of the DRAM
-// traffic of forward_kl with grad_student); chosen for outputs too large to stay in cache anyway.
-template <typename T, bool STREAM>
-void store_row(void* dst_, const float* src, int64_t n) {
-  T* dst = static_cast<T*>(dst_);
-  int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (STREAM) {
-    for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 63); ++j) dst[j] = static_cast<T>(src[j]);
-    if constexpr (std::is_same_v<T, float>) {
-      for (; j + kW <= n; j += kW) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
-    } else {
-      for (; j + 2 * kW <= n; j += 2 * kW) {
-        const at::vec::Vectorized<T> v = at::vec::convert_from_float<T>(Vec::loadu(src + j), Vec::loadu(src + j + kW));
-        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + j), static_cast<__m512i>(v));
-      }
-    }
-  }
-#endif
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst + j, src + j, (n - j) * sizeof(float));
-  } else {
-    for (; j + 2 * kW <= n; j += 2 * kW)
-      at::vec::convert_from_float<T>(Vec::loadu(src + j), Vec::loadu(src + j + kW)).store(dst + j);
-    if (j < n)  // staging is padded, the extra lanes are read but not stored
-      at::vec::convert_from_float<T>(Vec::loadu(src + j), Vec::loadu(src + j + kW)).store(dst + j, n - j);
-  }
-}
-
-using LoadFn = float (*)(const void*, int64_t, float*, int64_t, float, float*);
-using StoreFn = void (*)(void*, const float*, int64_t);
-
-LoadFn pick_load(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return &load_row<float>;
-    case at::kHalf: return &load_row<c10::Half>;
-    default: return &load_row<c10::BFloat16>;
-  }
-}
-
-StoreFn pick_store(at::ScalarType t, bool stream) {
-  switch (t) {
-    case at::kFloat: return stream ? &store_row<float, true> : &store_row<float, false>;
-    case at::kHalf: return stream ? &store_row<c10::Half, true> : &store_row<c10::Half, false>;
-    default: return stream ? &store_row<c10::BFloat16, true> : &store_row<c10::BFloat16, false>;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The divergence table: per-entry loss term ell and the gradients h = dD/dlq, k = dD/dlp.
-// Entries with probability 0 contribute 0 (0 * log 0 = 0) and x / r with r = 0 is 0.
-// forward_kl and reverse_kl never need it: their rows close in pass B (see pass_b, pass_d).
-enum Div { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kSkewForwardKL = 3, kSkewReverseKL = 4, kTVD = 5 };
-
-struct Coef {
-  Vec beta, omb, skew, oms;  // beta, 1-beta, skew, 1-skew
-  int mix;                   // skew_*: log r = 0: log(r), 1: lp (r is p), 2: lq (r is q), as in the reference
-};
-
-// log for positive normal floats (and NaN), inlined like vexp: Cephes' logf (about 1 ulp).
-#if defined(CPU_CAPABILITY_AVX512)
-inline Vec vlog_normal(const Vec& v) {
-  const __m512 x = v;
-  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_zero);  // x = m 2^e, m in [0.5, 1)
-  __m512 e = _mm512_add_ps(_mm512_getexp_ps(x), _mm512_set1_ps(1.f));
-  const __mmask16 lo = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  m = _mm512_mask_add_ps(m, lo, m, m);  // m in [sqrt(1/2), sqrt(2))
-  e = _mm512_mask_sub_ps(e, lo, e, _mm512_set1_ps(1.f));
-  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.f)), z = _mm512_mul_ps(f, f);
-  __m512 y = _mm512_set1_ps(7.0376836292E-2f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310E-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740E-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846E-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787E-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665E-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765E-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993E-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174E-1f));
-  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
-  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
-  y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
-  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
-}
-#else
-inline Vec vlog_normal(const Vec& v) { return v.log(); }
-#endif
-
-// log of a mixture of probabilities. The clamp only matters when both underflowed, where the
-// terms it feeds are multiplied by a probability below FLT_MIN.
-inline Vec log_mix(const Vec& m) { return vlog_normal(at::vec::maximum(m, Vec(FLT_MIN))); }
-
-template <int DIV>
-inline void terms(const Vec& q, const Vec& p, const Vec& lq, const Vec& lp, const Coef& cf, Vec& ell,
-                  Vec& h, Vec& k) {
-  static_assert(DIV != kForwardKL && DIV != kReverseKL, "closed form, see pass_b");
-  const Vec zero(0.f);
-  if constexpr (DIV == kJSD) {
-    const Vec lm = log_mix(at::vec::fmadd(cf.beta, p, cf.omb * q));
-    const Vec tp = Vec::blendv(zero, p * (lp - lm), p > zero);
-    const Vec tq = Vec::blendv(zero, q * (lq - lm), q > zero);
-    h = cf.omb * tq;
-    k = cf.beta * tp;
-    ell = h + k;
-  } else if constexpr (DIV == kSkewForwardKL) {  // KL(p || r), r = skew p + (1-skew) q
-    const Vec r = at::vec::fmadd(cf.skew, p, cf.oms * q);
-    const Vec pr = Vec::blendv(zero, p / r, r > zero);
-    const Vec lr = cf.mix == 0 ? log_mix(r) : cf.mix == 1 ? lp : lq;
-    ell = Vec::blendv(zero, p * (lp - lr), p > zero);
-    h = zero - cf.oms * (q * pr);
-    k = ell + p - cf.skew * (p * pr);
-  } else if constexpr (DIV == kSkewReverseKL) {  // KL(q || r), r = (1-skew) p + skew q
-    const Vec r = at::vec::fmadd(cf.oms, p, cf.skew * q);
-    const Vec qr = Vec::blendv(zero, q / r, r > zero);
-    const Vec lr = cf.mix == 0 ? log_mix(r) : cf.mix == 1 ? lp : lq;
-    ell = Vec::blendv(zero, q * (lq - lr), q > zero);
-    h = ell + q - cf.skew * (q * qr);
-    k = zero - cf.oms * (p * qr);
-  } else {  // tvd
-    const Vec half(0.5f);
-    const Vec d = q - p;
-    const Vec sg = d.gt(zero) - d.lt(zero);
-    ell = half * d.abs();
-    h = half * q * sg;
-    k = zero - half * p * sg;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 struct Params {
@@ -340,78 +51,6 @@ struct Scratch {
   float *e1;         // exp(cap(s) - max cap(s)), the temperature-1 softmax numerators (hard label, T != 1)
   float *dcs, *dct;  // cap'(s), cap'(t) (softcap)
   float *stage_s, *stage_t;
-};
-
-// Lane-wise fp32 sums over a scratch row: a two-level cascade over blocks of kBlock entries.
-struct Cascade {
-  Vec total{0.f}, block{0.f};
-  int64_t n = 0;
-  inline void add(const Vec& v) {
-    block = block + v;
-    if (++n == kBlock / kW) flush();
-  }
-  inline void flush() { total = total + block; block = Vec(0.f); n = 0; }
-  inline double value() { flush(); return hsum(total); }
-};
-
-// Lane-wise sums in float64 of fp32 terms, for the sums a gradient subtracts from its own terms
-// (h_j - q_j sum(h) cancels when q_j -> 1): the sum then carries no rounding beyond that of the
-// terms, which pass D uses bit for bit, so the cancellation is as exact as the terms.
-struct DAcc {
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
-  inline void add(const Vec& v) {
-    const __m512 x = v;
-    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
-    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
-  }
-  inline double value() const {
-    __at_align__ double t[16];
-    _mm512_storeu_pd(t, lo);
-    _mm512_storeu_pd(t + 8, hi);
-    double s = 0;
-    for (int i = 0; i < 16; ++i) s += t[i];
-    return s;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-  inline void add(const Vec& v) {
-    const __m256 x = v;
-    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-  }
-  inline double value() const {
-    __at_align__ double t[8];
-    _mm256_storeu_pd(t, lo);
-    _mm256_storeu_pd(t + 4, hi);
-    double s = 0;
-    for (int i = 0; i < 8; ++i) s += t[i];
-    return s;
-  }
-#else
-  double acc[kW] = {};
-  inline void add(const Vec& v) {
-    __at_align__ float t[kW];
-    v.store(t);
-    for (int64_t i = 0; i < kW; ++i) acc[i] += t[i];
-  }
-  inline double value() const {
-    double s = 0;
-    for (int64_t i = 0; i < kW; ++i) s += acc[i];
-    return s;
-  }
-#endif
-};
-
-// x as an unevaluated sum hi + lo of floats, so that y - x = (y - hi) - lo keeps float64 accuracy
-// when y is close to x.
-struct Split {
-  Vec hi, lo;
-  explicit Split(double x) {
-    const float h = static_cast<float>(x);
-    hi = Vec(h);
-    lo = Vec(std::isfinite(x) ? static_cast<float>(x - h) : 0.f);
-  }
 };
 
 // Pulls the next row's inputs into L2 while this row computes (pass B), so that the DRAM
@@ -515,30 +154,6 @@ void pass_c(const Scratch& w, const Params& P, RowStats& st) {
   st.D = E.value(); st.Sh = H.value(); st.Sk = K.value();
 }
 
-// A vector with 1 in lane `lane` (0 <= lane < kW): a window into [0.., 1, 0..].
-inline Vec unit(int64_t lane) {
-  struct Table {
-    __at_align__ float v[2 * kW];
-    Table() { for (int64_t i = 0; i < 2 * kW; ++i) v[i] = i == kW ? 1.f : 0.f; }
-  };
-  static const Table t;
-  return Vec::loadu(t.v + kW - lane);
-}
-
-// a * b + c with one rounding: at::vec's fmadd is only fused where the vector ISA has an FMA.
-inline Vec fma1(const Vec& a, const Vec& b, const Vec& c) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return at::vec::fmadd(a, b, c);
-#else
-  __at_align__ float x[kW], y[kW], z[kW];
-  a.store(x);
-  b.store(y);
-  c.store(z);
-  for (int64_t i = 0; i < kW; ++i) z[i] = std::fma(x[i], y[i], z[i]);
-  return Vec::loadu(z);
-#endif
-}
-
 // Pass D: the gradients, d loss / d s_j and d loss / d t_j.
 template <int DIV, bool GS, bool GT>
 void pass_d(const Scratch& w, const Params& P, const RowStats& st, int64_t label, void* gs, StoreFn store_s,
@@ -590,16 +205,6 @@ void pass_d(const Scratch& w, const Params& P, const RowStats& st, int64_t label
 }
 
 // ---------------------------------------------------------------------------------------------
-struct RowPtr {  // [B, R, V] tensor with arbitrary leading strides, element size es
-  char* base = nullptr;
-  int64_t s0 = 0, s1 = 0, es = 0, R = 1;
-  RowPtr() = default;
-  explicit RowPtr(const at::Tensor& t)
-      : base(static_cast<char*>(t.data_ptr())), s0(t.stride(0)), s1(t.stride(1)), es(t.element_size()),
-        R(t.size(1)) {}
-  inline char* row(int64_t i) const { return base + ((i / R) * s0 + (i % R) * s1) * es; }
-};
-
 struct Job {
   Params P;
   RowPtr s, t, gs, gt;
@@ -666,11 +271,6 @@ void run_rows(const Job& job, int64_t begin, int64_t end) {
   }
 }
 
-inline void store_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();  // order this thread's non-temporal stores before the op returns
-#endif
-}
 
 template <int DIV>
 void run_div(const Job& job, bool gs, bool gt, int64_t N) {
@@ -687,18 +287,91 @@ void run_div(const Job& job, bool gs, bool gt, int64_t N) {
   else if (gt) go(run_rows<DIV, false, true>);
   else go(run_rows<DIV, false, false>);
 }
-// ---------------------------------------------------------------------------------------------
-bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
-// Byte range [lo, hi) a strided tensor may touch.
-std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-  if (t.numel() == 0) return {lo, lo};
-  int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  return {lo, lo + (last + 1) * t.element_size()};
+// ---------------------------------------------------------------------------------------------
+// The float64 path: student or teacher is float64 (gradcheck, debugging). Scalar float64 math,
+// the reference's formulas entry by entry; each row is read whole before its gradients are
+// written (inplace-safe, like the fp32 path) and summed in a fixed order (deterministic).
+struct JobF64 {
+  RowPtr s, t, gs, gt;
+  at::ScalarType ts, tt;
+  const int64_t* labels = nullptr;
+  int64_t l0 = 0, l1 = 0, ignore_index = 0;
+  double* loss = nullptr;
+  int64_t o0 = 0, o1 = 0;
+  int64_t V = 0, div = 0;
+  double T = 1, beta = 0, skew = 0, softcap = 0, sw_scale = 0, C = 0, hw = 0;
+};
+
+// max(x) + log(sum exp(x - max(x))) over n entries (NaN if one is NaN).
+inline double lse_f64(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  if (m == -std::numeric_limits<double>::infinity()) return m;
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += std::exp(x[j] - m);
+  return m + std::log(s);
 }
 
+void kd_rows_f64(const JobF64& J, int64_t begin, int64_t end) {
+  const int64_t V = J.V, R = J.s.R;
+  const bool gs = J.gs.base != nullptr, gt = J.gt.base != nullptr, capped = J.softcap != 0.0, hard = J.hw != 0.0;
+  F64Scratch mem(8 * V, "fastkd::kd_fwd");
+  double *s = mem.get(), *t = s + V, *ds = t + V, *dt = ds + V, *lq = dt + V, *lp = lq + V, *h = lp + V,
+         *k = h + V;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t b = i / R, r = i % R;
+    double& loss = J.loss[b * J.o0 + r * J.o1];
+    int64_t label = -1;
+    if (J.labels) {
+      label = J.labels[b * J.l0 + r * J.l1];
+      if (label == J.ignore_index) {
+        loss = 0.0;
+        if (gs) std::memset(J.gs.row(i), 0, V * J.gs.es);
+        if (gt) std::memset(J.gt.row(i), 0, V * J.gt.es);
+        continue;
+      }
+    }
+    load_row_f64(J.s.row(i), J.ts, V, s);
+    load_row_f64(J.t.row(i), J.tt, V, t);
+    if (capped) {
+      for (int64_t j = 0; j < V; ++j) {
+        const double a = std::tanh(s[j] / J.softcap), c = std::tanh(t[j] / J.softcap);
+        s[j] = J.softcap * a; ds[j] = 1.0 - a * a;
+        t[j] = J.softcap * c; dt[j] = 1.0 - c * c;
+      }
+    }
+    for (int64_t j = 0; j < V; ++j) { lq[j] = s[j] / J.T; lp[j] = t[j] / J.T; }
+    const double la = lse_f64(lq, V), lb = lse_f64(lp, V);
+    double D = 0, Sh = 0, Sk = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      lq[j] -= la;
+      lp[j] -= lb;
+      double ell;
+      terms_f64(J.div, std::exp(lq[j]), std::exp(lp[j]), lq[j], lp[j], J.beta, J.skew, ell, h[j], k[j]);
+      D += ell; Sh += h[j]; Sk += k[j];
+    }
+    const double l1 = hard ? lse_f64(s, V) : 0.0;
+    loss = J.sw_scale * D + (hard ? J.hw * (l1 - s[label]) : 0.0);
+    if (gs) {
+      for (int64_t j = 0; j < V; ++j) {
+        double g = J.C * (h[j] - std::exp(lq[j]) * Sh);
+        if (hard) g += J.hw * (std::exp(s[j] - l1) - (j == label ? 1.0 : 0.0));
+        h[j] = capped ? g * ds[j] : g;
+      }
+      store_row_f64(J.gs.row(i), J.ts, h, V);
+    }
+    if (gt) {
+      for (int64_t j = 0; j < V; ++j) {
+        const double g = J.C * (k[j] - std::exp(lp[j]) * Sk);
+        k[j] = capped ? g * dt[j] : g;
+      }
+      store_row_f64(J.gt.row(i), J.tt, k, V);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 void check_grad_buffer(const at::Tensor& g, const at::Tensor& like, const char* gname, const char* lname,
                        const at::Tensor& other) {
   TORCH_CHECK(g.device().is_cpu(), "fastkd::kd_fwd: ", gname, " must be a CPU tensor");
@@ -733,18 +406,22 @@ void kd_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const std:
               " and teacher ", teacher.sizes(), " must have the same shape");
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(),
               "fastkd::kd_fwd: student and teacher must be CPU tensors");
-  TORCH_CHECK(is_float_type(student.scalar_type()) && is_float_type(teacher.scalar_type()),
-              "fastkd::kd_fwd: student and teacher must be float32, float16 or bfloat16, got ",
-              student.scalar_type(), " and ", teacher.scalar_type());
+  const at::ScalarType ts = student.scalar_type(), tt = teacher.scalar_type();
+  TORCH_CHECK((is_float_type(ts) || ts == at::kDouble) && (is_float_type(tt) || tt == at::kDouble),
+              "fastkd::kd_fwd: student and teacher must be float32, float16, bfloat16 or float64, got ", ts,
+              " and ", tt);
+  // float64 on either side (any mix): float64 math and a float64 loss, as in the reference.
+  const bool wide = ts == at::kDouble || tt == at::kDouble;
+  const at::ScalarType loss_type = wide ? at::kDouble : at::kFloat;
   const int64_t B = student.size(0), R = student.size(1), V = student.size(2), N = B * R;
   TORCH_CHECK(V >= 1, "fastkd::kd_fwd: the vocabulary (last) dim must be non-empty");
   TORCH_CHECK((V <= 1 || student.stride(2) == 1) && (V <= 1 || teacher.stride(2) == 1),
               "fastkd::kd_fwd: student and teacher must be contiguous in their last dim (strides ",
               student.strides(), " and ", teacher.strides(), ")");
-  TORCH_CHECK(loss.device().is_cpu() && loss.scalar_type() == at::kFloat && loss.dim() == 2 &&
+  TORCH_CHECK(loss.device().is_cpu() && loss.scalar_type() == loss_type && loss.dim() == 2 &&
                   loss.size(0) == B && loss.size(1) == R,
-              "fastkd::kd_fwd: loss must be a float32 CPU tensor of shape [", B, ", ", R, "], got ",
-              loss.scalar_type(), " ", loss.sizes());
+              "fastkd::kd_fwd: loss must be a ", loss_type, " CPU tensor of shape [", B, ", ", R,
+              "] (float64 exactly when an input is float64), got ", loss.scalar_type(), " ", loss.sizes());
   TORCH_CHECK(divergence >= 0 && divergence <= 5, "fastkd::kd_fwd: divergence code must be in 0..5, got ",
               divergence);
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "fastkd::kd_fwd: temperature must be > 0, got ",
@@ -782,6 +459,37 @@ void kd_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const std:
                 "fastkd::kd_fwd: grad_student and grad_teacher overlap");
   }
   if (N == 0) return;
+  // Enough rows per task that a thread gets at least ~64K entries of work.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / V);
+
+  if (wide) {
+    JobF64 J;
+    J.s = RowPtr(student);
+    J.t = RowPtr(teacher);
+    if (grad_student.has_value()) J.gs = RowPtr(*grad_student);
+    if (grad_teacher.has_value()) J.gt = RowPtr(*grad_teacher);
+    J.ts = ts;
+    J.tt = tt;
+    J.labels = lab;
+    J.l0 = l0;
+    J.l1 = l1;
+    J.ignore_index = ignore_index;
+    J.loss = loss.data_ptr<double>();
+    J.o0 = loss.stride(0);
+    J.o1 = loss.stride(1);
+    J.V = V;
+    J.div = divergence;
+    J.T = temperature;
+    J.beta = beta;
+    J.skew = skew;
+    J.softcap = softcap;
+    const double scale = scale_temperature ? temperature * temperature : 1.0;
+    J.sw_scale = soft_weight * scale;
+    J.C = soft_weight * scale / temperature;
+    J.hw = hard_weight;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) { kd_rows_f64(J, b, e); });
+    return;
+  }
 
   Job job;
   Params& P = job.P;
@@ -795,11 +503,7 @@ void kd_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const std:
   P.hw = static_cast<float>(hard_weight);
   P.hard = hard_weight != 0.0;
   P.t_is_one = temperature == 1.0;
-  // r is exactly p or q at the ends of the skew range; use lp or lq then, as the reference does.
-  const double w_p = divergence == kSkewForwardKL ? skew : 1.0 - skew;  // weight of p in r
-  const int mix = w_p == 1.0 ? 1 : w_p == 0.0 ? 2 : 0;
-  P.cf = {Vec(static_cast<float>(beta)), Vec(static_cast<float>(1.0 - beta)), Vec(static_cast<float>(skew)),
-          Vec(static_cast<float>(1.0 - skew)), mix};
+  P.cf = make_coef(divergence, beta, skew);
   // Gradients larger than this are written with non-temporal stores (see store_row).
   const int64_t grad_bytes = N * V * (grad_student.has_value() ? student.element_size() : 0) +
                              N * V * (grad_teacher.has_value() ? teacher.element_size() : 0);
