@@ -103,7 +103,7 @@ def assert_close(actual, expected, dtype, what, rel32=4e-6, atol=1e-7):
 
 
 def _shape(loss, backend):
-    """Odd sizes that cross each backend's tiles: cpp strips of 128 rows (angle blocks of <= 64),
+    """Odd sizes that cross each backend's tiles: cpp strips of 64 rows (angle blocks of <= 64),
     triton tiles of 16."""
     if backend == "triton":
         return (21, 19, 40) if loss == "angle" else (37, 45, 17)
@@ -390,8 +390,8 @@ print(json.dumps(out))
 
 
 def test_cpp_memory_is_not_quadratic():
-    """N = 4096, D = 8: one N x N float32 matrix is 64 MiB; the kernels need strips of 128 rows
-    (2 MiB each) and O(N D) vectors. Peak RSS of a fresh process, measured as the benchmark does."""
+    """N = 4096, D = 8: one N x N float32 matrix is 64 MiB; the kernels need strips of 64 rows
+    (1 MiB each) and O(N D) vectors. Peak RSS of a fresh process, measured as the benchmark does."""
     import json
     import os
     import subprocess

@@ -57,7 +57,7 @@
 namespace fastkd {
 namespace {
 
-constexpr int64_t kStrip = 128;      // rows per Gram strip (distance, similarity)
+constexpr int64_t kStrip = 64;       // rows per Gram strip (distance, similarity)
 constexpr int64_t kAngleBlock = 64;  // anchor rows per angle task (fewer when threads would idle)
 constexpr double kRefine = 1.0 / 64; // relative threshold below which r_ij is recomputed exactly
 constexpr double kSpEps = 1e-12;     // F.normalize's eps (similarity-preserving)
