@@ -114,6 +114,8 @@ def measure(family, dtype, shape, impl, reps):
     step()
     if impl == "torch.compile":
         step()
+    for x in leaves:  # the warm-up's gradients must not be freed inside the measured step
+        x.grad = None
     mem = CpuMemory()
     mem.start()
     loss = step()

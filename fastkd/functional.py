@@ -195,7 +195,8 @@ def _scale_stored_grads(ctx, grad_out, denom, bufs):
                            "computed in the forward and scaled in place, so a second "
                            "backward (retain_graph=True) needs the loss recomputed")
     ctx.used = True
-    if inplace and ctx.reduction == "sum" and _on_host(grad_out) and float(grad_out) == 1.0:
+    if inplace and ctx.reduction == "sum" and grad_out.numel() == 1 and _on_host(grad_out) \
+            and float(grad_out) == 1.0:
         return bufs  # already exact: nothing to scale
     g = grad_out.float()
     if ctx.reduction == "none":
