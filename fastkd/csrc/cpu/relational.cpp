@@ -29,19 +29,7 @@
 // Arithmetic is float32 (float64 when an input is float64); results are deterministic for a
 // given thread count (fixed-order reductions; BLAS as configured).
 
-#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_DEFAULT)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    defined(__FMA__)
-#define CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY fastkd_avx512
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CPU_CAPABILITY_AVX2
-#define CPU_CAPABILITY fastkd_avx2
-#endif
-#endif
-#ifndef CPU_CAPABILITY
-#define CPU_CAPABILITY fastkd_default
-#endif
+#include "cpu_capability.h"  // first: it selects at::vec's ISA
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
