@@ -23,3 +23,12 @@ def test_hf_fused_linear_distillation_loss_falls():
     losses, fused, dense = ex.distill(steps=8, log=lambda *_: None)
     assert losses[-1] < 0.95 * losses[0], losses
     assert torch.allclose(fused, dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_equals_trl_generalized_jsd(beta, temperature):
+    """fastkd's jsd (scale_temperature=False) is TRL's generalized JSD on the same inputs."""
+    ex = load_example("trl_jsd_parity")
+    ours, theirs = ex.compare(beta, temperature, seed=int(10 * beta))
+    assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12), (ours, theirs)
