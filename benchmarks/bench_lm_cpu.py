@@ -170,7 +170,7 @@ def main(argv=None):
                                       f"lm-cpu-{datetime.date.today().isoformat()}.json")
         with open(path, "w") as f:
             json.dump({"meta": metadata("cpu"), "rows": rows}, f, indent=1)
-        print(f"wrote {path}")
+        print(f"wrote {os.path.relpath(path)}")
     return 0
 
 
