@@ -125,6 +125,32 @@ def _cap(z, softcap: float):
     return softcap * th, 1.0 - th * th
 
 
+def hard_labels_and_mask(row, z1, labels, ignore_index: int, hard_weight: float):
+    """Add the hard-label cross-entropy of logits z1 (temperature 1) to the soft row losses and
+    zero the ignored rows. Returns (row losses, add_hard(g), mask_rows(g)): the same two steps
+    for a gradient [..., V] (add_hard adds d CE / d z1; mask_rows zeroes ignored rows)."""
+    valid = safe = ls1 = None
+    if labels is not None:
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    if hard_weight != 0.0:
+        ls1 = torch.log_softmax(z1, dim=-1)
+        row = row - hard_weight * ls1.gather(-1, safe).squeeze(-1)
+    if valid is not None:
+        row = torch.where(valid, row, torch.zeros_like(row))
+
+    def add_hard(g):
+        if hard_weight == 0.0:
+            return g
+        onehot = torch.zeros_like(g).scatter_(-1, safe, 1.0)
+        return g + hard_weight * (ls1.exp() - onehot)
+
+    def mask_rows(g):
+        return g if valid is None else torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
+
+    return row, add_hard, mask_rows
+
+
 def kd_fwd(student, teacher, labels, loss, grad_student, grad_teacher, divergence: int,
            temperature: float, beta: float, skew: float, ignore_index: int,
            soft_weight: float, hard_weight: float, scale_temperature: bool, softcap: float) -> None:
@@ -143,32 +169,18 @@ def kd_fwd(student, teacher, labels, loss, grad_student, grad_teacher, divergenc
     q, p = lq.exp(), lp.exp()
     ell, h, k = divergence_terms(divergence, p, lp, q, lq, beta, skew)
     scale = T * T if scale_temperature else 1.0
-    row = soft_weight * scale * ell.sum(-1)
-    if labels is not None:
-        valid = labels != ignore_index
-        safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    if hard_weight != 0.0:
-        ls1 = torch.log_softmax(s, dim=-1)
-        row = row - hard_weight * ls1.gather(-1, safe_labels).squeeze(-1)
-    if labels is not None:
-        row = torch.where(valid, row, torch.zeros_like(row))
+    row, add_hard, mask_rows = hard_labels_and_mask(
+        soft_weight * scale * ell.sum(-1), s, labels, ignore_index, hard_weight)
     loss.copy_(row)
 
     c = soft_weight * scale / T
     if grad_student is not None:
-        g = c * (h - q * h.sum(-1, keepdim=True))
-        if hard_weight != 0.0:
-            onehot = torch.zeros_like(g).scatter_(-1, safe_labels, 1.0)
-            g = g + hard_weight * (ls1.exp() - onehot)
+        g = add_hard(c * (h - q * h.sum(-1, keepdim=True)))
         if ds is not None:
             g = g * ds
-        if labels is not None:
-            g = torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
-        grad_student.copy_(g)
+        grad_student.copy_(mask_rows(g))
     if grad_teacher is not None:
         g = c * (k - p * k.sum(-1, keepdim=True))
         if dt is not None:
             g = g * dt
-        if labels is not None:
-            g = torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
-        grad_teacher.copy_(g)
+        grad_teacher.copy_(mask_rows(g))

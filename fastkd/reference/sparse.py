@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .divergences import divergence_terms
+from .divergences import divergence_terms, hard_labels_and_mask
 
 TAILS = {"renormalize": 0, "bucket": 1}
 
@@ -71,15 +71,8 @@ def sparse_kd_fwd(student, indices, values, labels, loss, grad_student, divergen
     ell, h, _ = divergence_terms(divergence, pb, lp, qb, lqb, beta, skew)
     H = h.sum(-1, keepdim=True)
     scale = T * T if scale_temperature else 1.0
-    row = soft_weight * scale * ell.sum(-1)
-    if labels is not None:
-        valid = labels != ignore_index
-        safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    if hard_weight != 0.0:
-        ls1 = torch.log_softmax(z, dim=-1)
-        row = row - hard_weight * ls1.gather(-1, safe_labels).squeeze(-1)
-    if labels is not None:
-        row = torch.where(valid, row, torch.zeros_like(row))
+    row, add_hard, mask_rows = hard_labels_and_mask(
+        soft_weight * scale * ell.sum(-1), z, labels, ignore_index, hard_weight)
     loss.copy_(row)
     if grad_student is None:
         return
@@ -95,10 +88,4 @@ def sparse_kd_fwd(student, indices, values, labels, loss, grad_student, divergen
         e = h[..., :-1] - lq.exp() * ratio
     g = q_full * gamma
     g = g.scatter_add(-1, indices, e)
-    g = g * (soft_weight * scale / T)
-    if hard_weight != 0.0:
-        onehot = torch.zeros_like(g).scatter_(-1, safe_labels, 1.0)
-        g = g + hard_weight * (ls1.exp() - onehot)
-    if labels is not None:
-        g = torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
-    grad_student.copy_(g)
+    grad_student.copy_(mask_rows(add_hard(g * (soft_weight * scale / T))))
