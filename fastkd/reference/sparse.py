@@ -41,6 +41,42 @@ def _log1m_sum_exp(l):
     return tail, torch.log(tail)
 
 
+def sparse_terms(lq, values, divergence: int, temperature: float, beta: float, skew: float,
+                 tail: int):
+    """The part of a row that lives on the k teacher entries.
+
+    lq: the student's full-vocabulary log-probabilities at T gathered at the teacher's indices
+    [..., K]; values: the teacher's values [..., K]. Returns (D [...], gamma [..., 1],
+    e [..., K]) of the table above, so that d D / d a_j = q_j * gamma + [j = idx_i] * e_i.
+    (A vocabulary-sharded student needs only lq from the other shards: fastkd.distributed.)
+    """
+    v = values.to(lq.dtype)
+    fkl_full = tail == 0 and divergence == 0
+    if tail == 0:
+        lp = torch.log_softmax(v / float(temperature), dim=-1)
+        lqb = lq if fkl_full else lq - torch.logsumexp(lq, dim=-1, keepdim=True)
+    else:
+        lp = v
+        _, lp_tail = _log1m_sum_exp(lp)
+        q_tail, lq_tail = _log1m_sum_exp(lq)
+        lp = torch.cat([lp, lp_tail], -1)
+        lqb = torch.cat([lq, lq_tail], -1)
+    pb, qb = lp.exp(), lqb.exp()
+    ell, h, _ = divergence_terms(divergence, pb, lp, qb, lqb, beta, skew)
+    H = h.sum(-1, keepdim=True)
+    if fkl_full:
+        gamma, e = -H, h
+    elif tail == 0:
+        gamma, e = torch.zeros_like(H), h - qb * H
+    else:
+        ht = h[..., -1:]
+        ratio = torch.where(q_tail > 0, ht / torch.where(q_tail > 0, q_tail, torch.ones_like(q_tail)),
+                            torch.zeros_like(ht))
+        gamma = ratio - H
+        e = h[..., :-1] - lq.exp() * ratio
+    return ell.sum(-1), gamma, e
+
+
 def sparse_kd_fwd(student, indices, values, labels, loss, grad_student, divergence: int,
                   temperature: float, beta: float, skew: float, tail: int, ignore_index: int,
                   soft_weight: float, hard_weight: float, scale_temperature: bool) -> None:
@@ -52,40 +88,15 @@ def sparse_kd_fwd(student, indices, values, labels, loss, grad_student, divergen
     T = float(temperature)
     acc = torch.float64 if torch.float64 in (student.dtype, values.dtype) else torch.float32
     z = student.to(acc)
-    a = z / T
-    lq_full = torch.log_softmax(a, dim=-1)
-    q_full = lq_full.exp()
-    lq = lq_full.gather(-1, indices)
-    v = values.to(acc)
-    fkl_full = tail == 0 and divergence == 0
-    if tail == 0:
-        lp = torch.log_softmax(v / T, dim=-1)
-        lqb = lq if fkl_full else lq - torch.logsumexp(lq, dim=-1, keepdim=True)
-    else:
-        lp = v
-        p_tail, lp_tail = _log1m_sum_exp(lp)
-        q_tail, lq_tail = _log1m_sum_exp(lq)
-        lp = torch.cat([lp, lp_tail], -1)
-        lqb = torch.cat([lq, lq_tail], -1)
-    pb, qb = lp.exp(), lqb.exp()
-    ell, h, _ = divergence_terms(divergence, pb, lp, qb, lqb, beta, skew)
-    H = h.sum(-1, keepdim=True)
+    lq_full = torch.log_softmax(z / T, dim=-1)
+    D, gamma, e = sparse_terms(lq_full.gather(-1, indices), values, divergence, T, beta, skew,
+                               tail)
     scale = T * T if scale_temperature else 1.0
-    row, add_hard, mask_rows = hard_labels_and_mask(
-        soft_weight * scale * ell.sum(-1), z, labels, ignore_index, hard_weight)
+    row, add_hard, mask_rows = hard_labels_and_mask(soft_weight * scale * D, z, labels,
+                                                    ignore_index, hard_weight)
     loss.copy_(row)
     if grad_student is None:
         return
-    if fkl_full:
-        gamma, e = -H, h
-    elif tail == 0:
-        gamma, e = torch.zeros_like(H), h - qb * H
-    else:
-        ht = h[..., -1:]
-        ratio = torch.where(q_tail > 0, ht / torch.where(q_tail > 0, q_tail, torch.ones_like(q_tail)),
-                            torch.zeros_like(ht))
-        gamma = ratio - H
-        e = h[..., :-1] - lq.exp() * ratio
-    g = q_full * gamma
+    g = lq_full.exp() * gamma
     g = g.scatter_add(-1, indices, e)
     grad_student.copy_(mask_rows(add_hard(g * (soft_weight * scale / T))))
