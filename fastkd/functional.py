@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _backend
+from . import _backend, _buffers
 from .reference.divergences import DIVERGENCES
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -114,6 +114,12 @@ def _rows3d(x: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- autograd
+def _kernel(family: str, backend):
+    """The forward op of a family: a backend's, or a ready kernel (vocab-parallel ones from
+    fastkd.distributed, which share the op's signature)."""
+    return backend if callable(backend) else _backend.op(family, backend)
+
+
 class _KDFunction(torch.autograd.Function):
     """Runs a family's forward op once; backward scales the gradients it stored."""
 
@@ -136,8 +142,7 @@ class _KDFunction(torch.autograd.Function):
                 # inplace: the gradient overwrites the logits (rows are read before written)
                 return full, x3
             partial = x3.shape[-1] != vocab
-            buf = (torch.zeros if partial else torch.empty)(full.shape, dtype=full.dtype,
-                                                            device=full.device)
+            buf = _buffers.empty_like(full, zero=partial)  # CPU: last step's pages, resident
             view = _rows3d(buf)[0]
             return buf, (view[..., :vocab] if partial else view)
 
@@ -146,8 +151,8 @@ class _KDFunction(torch.autograd.Function):
         params, reduction, denom = _fold_denominator(params, (5, 6), reduction, denom,
                                                      need_gs or need_gt)
         if loss.numel() > 0:
-            _backend.op(family, backend)(s3[..., :vocab], t3[..., :vocab], lab, loss, gs, gt,
-                                         *params)
+            _kernel(family, backend)(s3[..., :vocab], t3[..., :vocab], lab, loss, gs, gt,
+                                     *params)
         else:
             loss.zero_()
         ctx.reduction = reduction
@@ -224,11 +229,10 @@ class _SparseKDFunction(torch.autograd.Function):
         wide = torch.float64 in (student.dtype, values.dtype)
         loss = torch.empty((B, R), dtype=torch.float64 if wide else torch.float32,
                            device=student.device)
-        gs_full = torch.empty(student.shape, dtype=student.dtype, device=student.device) \
-            if need_gs else None
+        gs_full = _buffers.empty_like(student) if need_gs else None
         params, reduction, denom = _fold_denominator(params, (6, 7), reduction, denom, need_gs)
         if loss.numel() > 0:
-            _backend.op("sparse_kd", backend)(
+            _kernel("sparse_kd", backend)(
                 s3, idx, val, lab, loss, None if gs_full is None else _rows3d(gs_full)[0],
                 *params)
         ctx.reduction = reduction
@@ -266,6 +270,20 @@ def _denominator(labels, n_rows: int, ignore_index: int, num_items_in_batch, dev
     return (labels != ignore_index).sum().clamp_(min=1).to(torch.float32)
 
 
+def _vocab_parallel(family: str, process_group, backend, vocab_size, local_vocab: int, device):
+    """(kernel, whole vocabulary) for vocabulary-sliced inputs (fastkd.distributed)."""
+    from . import distributed
+
+    distributed.check_process_group(process_group)
+    if backend not in (None, "torch"):
+        raise ValueError(f"backend={backend!r} cannot run vocab-parallel inputs; with "
+                         f"process_group fastkd runs its sharded torch kernels (backend=None)")
+    if vocab_size is not None:
+        raise ValueError("vocab_size cannot be combined with process_group: drop the padded "
+                         "vocabulary entries from the last rank's slice instead")
+    return distributed.vocab_parallel_kernel(family, process_group, local_vocab, device)
+
+
 def _kd_options(divergence, temperature, beta, skew, ignore_index, hard_label_weight,
                 soft_label_weight, reduction, num_items_in_batch, labels):
     """Validate the keywords every logits-divergence loss shares; (divergence code, numbers)."""
@@ -298,7 +316,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             softcap: Optional[float] = None, vocab_size: Optional[int] = None,
             reduction: str = "batchmean",
             num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-            inplace: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+            inplace: bool = False, backend: Optional[str] = None,
+            process_group=None) -> torch.Tensor:
     """Temperature-softmax distillation loss between student and teacher logits ``[..., V]``.
 
     Row loss = soft_label_weight * D(p, q) * (T**2 if scale_temperature) + hard_label_weight *
@@ -314,6 +333,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     inplace: write the student gradient over ``student_logits`` (saves one N x V buffer; the
     tensor holds the gradient afterwards, so do not read it again).
     backend: ``"torch"``, ``"cpp"``, ``"triton"``, ``"cuda"`` or None (fastest available here).
+    process_group: the logits are vocab-parallel over this torch.distributed group: each rank
+    passes its slice ``[..., V_rank]`` of both (rank order = vocabulary order; slices may be
+    uneven; labels are global ids). Every rank gets the loss of the whole vocabulary and the
+    gradient of its slice. See :mod:`fastkd.distributed` for what is communicated.
     """
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
@@ -329,11 +352,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                              hard_label_weight, soft_label_weight, reduction, num_items_in_batch,
                              labels)
     _check_softcap(softcap)
+    if process_group is not None:
+        name, total = _vocab_parallel("kd", process_group, backend, vocab_size, vocab,
+                                      student_logits.device)
+    else:
+        name, total = _backend.choose("kd", student_logits.device, backend), vocab
     if labels is not None:
-        _check_labels(labels, student_logits.shape[:-1], student_logits.device, vocab,
+        _check_labels(labels, student_logits.shape[:-1], student_logits.device, total,
                       ignore_index, check_range=hard_label_weight != 0.0)
-
-    name = _backend.choose("kd", student_logits.device, backend)
     grad_on = torch.is_grad_enabled()
     need_gs = grad_on and student_logits.requires_grad
     need_gt = grad_on and teacher_logits.requires_grad
@@ -361,7 +387,7 @@ def _check_sparse_teacher(indices, values, lead_shape, vocab: int, tail: str, va
         raise ValueError(f"teacher_values must have teacher_indices' shape {tuple(indices.shape)}, "
                          f"got {tuple(values.shape)}")
     k = indices.shape[-1]
-    if not 1 <= k <= vocab:
+    if k < 1 or (isinstance(vocab, int) and k > vocab):
         raise ValueError(f"teacher_indices must hold between 1 and V={vocab} entries per row, got {k}")
     if not validate:
         return
@@ -389,7 +415,8 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
                    hard_label_weight: float = 0.0, soft_label_weight: float = 1.0,
                    scale_temperature: bool = True, reduction: str = "batchmean",
                    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-                   validate: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+                   validate: bool = True, backend: Optional[str] = None,
+                   process_group=None) -> torch.Tensor:
     """Distill from a teacher stored as its top-k entries per token.
 
     ``teacher_indices`` long ``[..., k]`` and ``teacher_values`` ``[..., k]`` (the teacher's
@@ -404,6 +431,8 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
 
     The student gradient is dense over V, computed in the same pass. validate=False skips the
     index checks (range, duplicates) for callers who guarantee them.
+    process_group: the student's logits are vocab-parallel (as in :func:`kd_loss`); teacher
+    indices are global vocabulary ids, the same on every rank.
     Other keywords as in :func:`kd_loss`.
     """
     _check_logits("student_logits", student_logits)
@@ -417,11 +446,15 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
         if isinstance(x, torch.Tensor) and x.device != student_logits.device:
             raise ValueError(f"{name} must be on student_logits' device {student_logits.device}, "
                              f"got {x.device}")
-    _check_sparse_teacher(teacher_indices, teacher_values, lead, vocab, tail, validate)
+    if process_group is not None:
+        name, total = _vocab_parallel("sparse_kd", process_group, backend, None, vocab,
+                                      student_logits.device)
+    else:
+        name, total = _backend.choose("sparse_kd", student_logits.device, backend), vocab
+    _check_sparse_teacher(teacher_indices, teacher_values, lead, total, tail, validate)
     if labels is not None:
-        _check_labels(labels, lead, student_logits.device, vocab, ignore_index,
+        _check_labels(labels, lead, student_logits.device, total, ignore_index,
                       check_range=hard_w != 0.0)
-    name = _backend.choose("sparse_kd", student_logits.device, backend)
     need_gs = torch.is_grad_enabled() and student_logits.requires_grad
     n_rows = student_logits.numel() // max(vocab, 1)
     denom = (_denominator(labels, n_rows, ignore_index, num_items_in_batch, student_logits.device)
@@ -463,7 +496,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          softcap: Optional[float] = None, vocab_size: Optional[int] = None,
                          reduction: str = "batchmean",
                          num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-                         backend: Optional[str] = None) -> torch.Tensor:
+                         backend: Optional[str] = None, process_group=None) -> torch.Tensor:
     """:func:`kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against the
     teacher's, without ever holding either model's N x V logits.
 
@@ -473,6 +506,11 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     about 128 MiB of chunk logits on CPU, 256 MiB on GPU); rows whose label is ``ignore_index``
     cost no matmul. ``backend`` picks the kd kernel run on each chunk. Other keywords as in
     :func:`kd_loss`.
+
+    process_group: vocab-parallel lm_heads (each rank holds the same rows of the vocabulary of
+    both weights, and biases; rank order = vocabulary order) with the hidden states replicated
+    on every rank. The loss and the hidden states' gradient are the whole vocabulary's (the
+    latter all-reduced here, so do not all-reduce it again), the weights' gradients their slice.
     """
     _check_linear("student", student_hidden, student_weight, student_bias)
     _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
@@ -493,12 +531,15 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if process_group is not None:
+        name, total = _vocab_parallel("kd", process_group, backend, vocab_size, vocab, dev)
+    else:
+        name, total = _backend.choose("kd", dev, backend), vocab
     if labels is not None:
-        _check_labels(labels, lead, dev, vocab, ignore_index, check_range=hard_w != 0.0)
+        _check_labels(labels, lead, dev, total, ignore_index, check_range=hard_w != 0.0)
 
     from .fused_linear import FusedLinearKDFunction, default_chunk_size
 
-    name = _backend.choose("kd", dev, backend)
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n_rows = hs.shape[0]
@@ -519,7 +560,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     out = FusedLinearKDFunction.apply(
         hs, student_weight, student_bias, ht, teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), lab, rows, denom, name,
-        reduction, vocab, chunk, params, need)
+        reduction, vocab, chunk, params, need, process_group)
     return out.reshape(lead) if reduction == "none" else out
 
 
@@ -531,7 +572,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
 RELATIONAL_FAMILIES = ("rkd_distance", "rkd_angle", "similarity_preserving")
 
 
-def _check_embeddings(student, teacher) -> None:
+def _check_embeddings(student, teacher, min_rows: int = 2) -> None:
     for name, x in (("student", student), ("teacher", teacher)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -546,7 +587,7 @@ def _check_embeddings(student, teacher) -> None:
     if teacher.shape[0] != n:
         raise ValueError(f"student and teacher must hold the same number N of embeddings (dim 0), "
                          f"got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}")
-    if n < 2:
+    if n < min_rows:
         raise ValueError(f"student must hold at least N=2 embeddings (relations need pairs), "
                          f"got shape {tuple(student.shape)}")
     for name, x in (("student", student), ("teacher", teacher)):
@@ -594,6 +635,21 @@ class _RelationalFunction(torch.autograd.Function):
         return (None if gs is None else gs.view(ctx.shape),) + (None,) * 5
 
 
+def _global_batch(student, teacher, process_group):
+    """Validate one rank's embeddings and, with a process group, all-gather the global batch
+    (fastkd.distributed.gather_rows: gradients flow back to each rank's own rows)."""
+    _check_embeddings(student, teacher, min_rows=1 if process_group is not None else 2)
+    if process_group is None:
+        return student, teacher
+    from . import distributed
+
+    distributed.check_process_group(process_group)
+    student = distributed.gather_rows(student, process_group)
+    teacher = distributed.gather_rows(teacher.detach(), process_group)
+    _check_embeddings(student, teacher)
+    return student, teacher
+
+
 def _relational(family: str, student, teacher, backend, params) -> torch.Tensor:
     name = _backend.choose(family, student.device, backend)
     need_gs = torch.is_grad_enabled() and student.requires_grad
@@ -601,7 +657,8 @@ def _relational(family: str, student, teacher, backend, params) -> torch.Tensor:
 
 
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-12,
-                      huber_delta: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
+                      huber_delta: float = 1.0, backend: Optional[str] = None,
+                      process_group=None) -> torch.Tensor:
     """RKD distance loss (Park et al. 2019) between two batches of embeddings ``[N, ...]``.
 
     d_ij = sqrt(max(|x_i - x_j|^2, eps)) (0 on the diagonal), each side divided by the mean of
@@ -609,14 +666,17 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: floa
     (beta = ``huber_delta``) between the student's and the teacher's normalized distances.
     Duplicated rows sit at sqrt(eps) and pass no gradient to each other. Never holds an
     N x N matrix (cpp, triton); the teacher gets no gradient.
+    process_group: each rank passes its part of the batch; the loss is the global batch's
+    (every rank computes it on the all-gathered embeddings) and each rank gets the gradient of
+    its own rows. The same keyword in rkd_angle_loss, rkd_loss, similarity_preserving_loss.
     """
-    _check_embeddings(student, teacher)
+    student, teacher = _global_batch(student, teacher, process_group)
     params = (_check_eps(eps), _check_huber_delta(huber_delta))
     return _relational("rkd_distance", student, teacher, backend, params)
 
 
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, huber_delta: float = 1.0,
-                   backend: Optional[str] = None) -> torch.Tensor:
+                   backend: Optional[str] = None, process_group=None) -> torch.Tensor:
     """RKD angle loss (Park et al. 2019) between two batches of embeddings ``[N, ...]``.
 
     a_ijk = e_ij . e_ik with e_ij the unit vector from x_i to x_j (0 when x_j = x_i); the loss
@@ -624,16 +684,16 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, huber_delta:
     and the teacher's angles. Computed from Gram tiles: never an N x N x D or N^3 tensor
     (cpp, triton). The teacher gets no gradient.
     """
-    _check_embeddings(student, teacher)
+    student, teacher = _global_batch(student, teacher, process_group)
     return _relational("rkd_angle", student, teacher, backend, (_check_huber_delta(huber_delta),))
 
 
 def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: float = 1.0,
              angle_weight: float = 2.0, eps: float = 1e-12, huber_delta: float = 1.0,
-             backend: Optional[str] = None) -> torch.Tensor:
+             backend: Optional[str] = None, process_group=None) -> torch.Tensor:
     """``distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss`` (Park et al.'s
     defaults 1 and 2); a term whose weight is 0 is not computed."""
-    _check_embeddings(student, teacher)
+    student, teacher = _global_batch(student, teacher, process_group)
     dw = _check_weight("distance_weight", distance_weight)
     aw = _check_weight("angle_weight", angle_weight)
     eps, delta = _check_eps(eps), _check_huber_delta(huber_delta)
@@ -648,14 +708,15 @@ def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: f
 
 
 def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor, *,
-                               backend: Optional[str] = None) -> torch.Tensor:
+                               backend: Optional[str] = None,
+                               process_group=None) -> torch.Tensor:
     """Similarity-preserving loss (Tung and Mori 2019) between two batches ``[N, ...]``.
 
     G = X X^T with each row L2-normalized (F.normalize(G)); the loss is the sum of squared
     differences between the student's and the teacher's normalized Gram matrices over N^2.
     The teacher gets no gradient.
     """
-    _check_embeddings(student, teacher)
+    student, teacher = _global_batch(student, teacher, process_group)
     return _relational("similarity_preserving", student, teacher, backend, ())
 
 

@@ -10,13 +10,16 @@ before any matmul (this needs the count of valid rows on the host: one sync per 
 For "sum" and "batchmean" every gradient is computed in the forward and backward only scales
 it by grad_output; for "none" (per-row grad_output unknown in the forward) the backward
 recomputes the chunks with each row's grad_output.
+
+With a process group (vocab-parallel lm_heads, see fastkd.distributed) ``backend`` is the
+sharded kd kernel, every chunk's row statistics are all-reduced inside it, and the hidden
+states' gradient, a sum over the vocabulary slices, is all-reduced once at the end.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _backend
 
 # Bytes of chunk logits (student + teacher) to aim for; bounds the working set.
 _CHUNK_BYTES = {"cpu": 1 << 27, "cuda": 1 << 28}
@@ -42,15 +45,17 @@ def _accumulate_weight_grad(acc, g, h):
 
 
 def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, params,
-               need, row_scale=None):
+               need, row_scale=None, group=None):
     """Run the chunk loop. Returns (loss_rows [N] fp32, grad_hs, grad_ws, grad_bs).
 
     hs [N, Hs], ws [Vs, Hs], bs [Vs] | None, and the teacher's likewise; labels [N] | None;
     rows: indices of the rows to compute (valid rows) or None for all. ``need`` says which of
     (hs, ws, bs) want gradients; ``row_scale`` [N] multiplies each row's gradient (backward of
-    reduction="none").
+    reduction="none"). ``group``: the vocab-parallel process group, or None.
     """
-    kd_fwd = _backend.op("kd", backend)
+    from .functional import _kernel
+
+    kd_fwd = _kernel("kd", backend)
     N = hs.shape[0]
     dev = hs.device
     wide = torch.float64 in (hs.dtype, ws.dtype)
@@ -97,25 +102,27 @@ def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, para
             _accumulate_weight_grad(grad_ws[:vocab], g, h_s)
         if grad_bs is not None:
             grad_bs[:vocab] += g.sum(0, dtype=acc_dtype)
+    if group is not None and grad_hs is not None:
+        torch.distributed.all_reduce(grad_hs, group=group)
     return loss_rows, grad_hs, grad_ws, grad_bs
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, labels, rows, denom, backend, reduction, vocab,
-                chunk, params, need):
+                chunk, params, need, group=None):
         from .functional import _reduce
 
         ctx.reduction = reduction
         ctx.used = False
         if reduction == "none":
             loss_rows, *_ = chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab,
-                                       chunk, params, (False, False, False))
-            ctx.meta = (backend, vocab, chunk, params, need)
+                                       chunk, params, (False, False, False), group=group)
+            ctx.meta = (backend, vocab, chunk, params, need, group)
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels, rows)
         else:
             loss_rows, gh, gw, gb = chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend,
-                                               vocab, chunk, params, need)
+                                               vocab, chunk, params, need, group=group)
             ctx.save_for_backward(gh, gw, gb, denom)
         return _reduce(loss_rows, reduction, denom, hs.shape[:-1], hs.dtype)
 
@@ -125,10 +132,11 @@ class FusedLinearKDFunction(torch.autograd.Function):
 
         if ctx.reduction == "none":
             hs, ws, bs, ht, wt, bt, labels, rows = ctx.saved_tensors
-            backend, vocab, chunk, params, need = ctx.meta
+            backend, vocab, chunk, params, need, group = ctx.meta
             _, gh, gw, gb = chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab,
-                                       chunk, params, need, row_scale=grad_out.float())
+                                       chunk, params, need, row_scale=grad_out.float(),
+                                       group=group)
         else:
             gh, gw, gb, denom = ctx.saved_tensors
             gh, gw, gb = _scale_stored_grads(ctx, grad_out, denom, (gh, gw, gb))
-        return (gh, gw, gb) + (None,) * 12
+        return (gh, gw, gb) + (None,) * 13

@@ -20,8 +20,9 @@ class KDLoss(torch.nn.Module):
                  soft_label_weight: float = 1.0, scale_temperature: bool = True,
                  softcap: Optional[float] = None, vocab_size: Optional[int] = None,
                  reduction: str = "batchmean", inplace: bool = False,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, process_group=None):
         super().__init__()
+        self.process_group = process_group  # vocab-parallel logits (fastkd.distributed)
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                            ignore_index=ignore_index, hard_label_weight=hard_label_weight,
                            soft_label_weight=soft_label_weight,
@@ -36,7 +37,8 @@ class KDLoss(torch.nn.Module):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor] = None, num_items_in_batch=None) -> torch.Tensor:
         return F.kd_loss(student_logits, teacher_logits, labels,
-                         num_items_in_batch=num_items_in_batch, **self.kwargs)
+                         num_items_in_batch=num_items_in_batch,
+                         process_group=self.process_group, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
@@ -54,8 +56,9 @@ class SparseKDLoss(torch.nn.Module):
                  ignore_index: int = -100, hard_label_weight: float = 0.0,
                  soft_label_weight: float = 1.0, scale_temperature: bool = True,
                  reduction: str = "batchmean", validate: bool = True,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, process_group=None):
         super().__init__()
+        self.process_group = process_group
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                            tail=tail, ignore_index=ignore_index,
                            hard_label_weight=hard_label_weight,
@@ -69,7 +72,8 @@ class SparseKDLoss(torch.nn.Module):
     def forward(self, student_logits, teacher_indices, teacher_values, labels=None,
                 num_items_in_batch=None):
         return F.sparse_kd_loss(student_logits, teacher_indices, teacher_values, labels,
-                                num_items_in_batch=num_items_in_batch, **self.kwargs)
+                                num_items_in_batch=num_items_in_batch,
+                                process_group=self.process_group, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
@@ -88,8 +92,10 @@ class FusedLinearKDLoss(torch.nn.Module):
                  hard_label_weight: float = 0.0, soft_label_weight: float = 1.0,
                  scale_temperature: bool = True, softcap: Optional[float] = None,
                  vocab_size: Optional[int] = None, reduction: str = "batchmean",
-                 chunk_size: Optional[int] = None, backend: Optional[str] = None):
+                 chunk_size: Optional[int] = None, backend: Optional[str] = None,
+                 process_group=None):
         super().__init__()
+        self.process_group = process_group
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                            ignore_index=ignore_index, hard_label_weight=hard_label_weight,
                            soft_label_weight=soft_label_weight,
@@ -108,7 +114,8 @@ class FusedLinearKDLoss(torch.nn.Module):
         return F.fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
                                       teacher_weight, labels, student_bias=student_bias,
                                       teacher_bias=teacher_bias,
-                                      num_items_in_batch=num_items_in_batch, **self.kwargs)
+                                      num_items_in_batch=num_items_in_batch,
+                                      process_group=self.process_group, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
@@ -123,10 +130,10 @@ class RKDDistanceLoss(torch.nn.Module):
     """
 
     def __init__(self, eps: float = 1e-12, huber_delta: float = 1.0,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, process_group=None):
         super().__init__()
         self.kwargs = dict(eps=F._check_eps(eps), huber_delta=F._check_huber_delta(huber_delta),
-                           backend=backend)
+                           backend=backend, process_group=process_group)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.rkd_distance_loss(student, teacher, **self.kwargs)
@@ -138,9 +145,11 @@ class RKDDistanceLoss(torch.nn.Module):
 class RKDAngleLoss(torch.nn.Module):
     """Module form of :func:`fastkd.rkd_angle_loss`."""
 
-    def __init__(self, huber_delta: float = 1.0, backend: Optional[str] = None):
+    def __init__(self, huber_delta: float = 1.0, backend: Optional[str] = None,
+                 process_group=None):
         super().__init__()
-        self.kwargs = dict(huber_delta=F._check_huber_delta(huber_delta), backend=backend)
+        self.kwargs = dict(huber_delta=F._check_huber_delta(huber_delta), backend=backend,
+                           process_group=process_group)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.rkd_angle_loss(student, teacher, **self.kwargs)
@@ -156,12 +165,13 @@ class RKDLoss(torch.nn.Module):
     """
 
     def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0,
-                 eps: float = 1e-12, huber_delta: float = 1.0, backend: Optional[str] = None):
+                 eps: float = 1e-12, huber_delta: float = 1.0, backend: Optional[str] = None,
+                 process_group=None):
         super().__init__()
         self.kwargs = dict(distance_weight=F._check_weight("distance_weight", distance_weight),
                            angle_weight=F._check_weight("angle_weight", angle_weight),
                            eps=F._check_eps(eps), huber_delta=F._check_huber_delta(huber_delta),
-                           backend=backend)
+                           backend=backend, process_group=process_group)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.rkd_loss(student, teacher, **self.kwargs)
@@ -173,12 +183,14 @@ class RKDLoss(torch.nn.Module):
 class SimilarityPreservingLoss(torch.nn.Module):
     """Module form of :func:`fastkd.similarity_preserving_loss`."""
 
-    def __init__(self, backend: Optional[str] = None):
+    def __init__(self, backend: Optional[str] = None, process_group=None):
         super().__init__()
         self.backend = backend
+        self.process_group = process_group
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return F.similarity_preserving_loss(student, teacher, backend=self.backend)
+        return F.similarity_preserving_loss(student, teacher, backend=self.backend,
+                                            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
