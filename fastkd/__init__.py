@@ -19,3 +19,6 @@ from .nn import AttentionMapLoss, AttentionRelationLoss, AttentionTransferLoss  
 
 __all__ += ["attention_transfer_loss", "AttentionTransferLoss", "attention_map_loss",
             "AttentionMapLoss", "attention_relation_loss", "AttentionRelationLoss"]
+from ._buffers import cpu_cache_info, empty_cache  # noqa: E402
+
+__all__ += ["empty_cache", "cpu_cache_info"]

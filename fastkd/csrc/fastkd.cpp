@@ -59,6 +59,16 @@ TORCH_LIBRARY(fastkd, m) {
       "Tensor(b!)? grad_student, int divergence, float temperature, float beta, float skew, int tail, "
       "int ignore_index, float soft_weight, float hard_weight, bool scale_temperature) -> ()");
 
+  // CPU buffer cache (csrc/cpu/buffers.cpp; used from fastkd/_buffers.py in eager mode only, never
+  // traced): an uninitialized contiguous CPU tensor whose memory returns to a bounded pool when
+  // its last reference dies, so the next step reuses resident pages; freeing every idle block
+  // (-> bytes freed); the pool's byte limit for idle blocks (-> the previous one; 0 disables);
+  // [limit, idle bytes, idle blocks, in-use bytes, in-use blocks, hits, misses].
+  m.def("cpu_cache_empty(int[] size, ScalarType dtype) -> Tensor");
+  m.def("cpu_cache_release() -> int");
+  m.def("cpu_cache_set_limit(int limit_bytes) -> int");
+  m.def("cpu_cache_stats() -> int[]");
+
   // Later families go here, one block each, same conventions.
 }
 
