@@ -7,7 +7,9 @@ the whole problem in float64.
 """
 import datetime
 import itertools
-import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,6 +266,24 @@ def test_matches_single_process(tmp_path, world):
     """Every family in one spawn per world size (starting processes is the slow part); a
     failure names the family, the case and the rank."""
     mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+
+
+def test_torchrun_example():
+    """examples/distributed_distill.py under torchrun with 2 CPU processes, tiny sizes."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "examples" / "distributed_distill.py"), "--vocab", "301", "--tokens",
+           "48", "--batch", "5", "--steps", "4"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "slice sizes=[151, 150]" in out, out
+    losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step ")]
+    assert len(losses) == 4 and losses[-1] < losses[0], out
+    for check in ("vocab-parallel loss", "global-batch rkd_loss"):
+        line = next(line for line in out.splitlines() if check in line)
+        a, b = line.split(" == single-process ")
+        assert abs(float(a.split()[-1]) - float(b)) <= 1e-4 * max(1.0, abs(float(b))), line
 
 
 def test_needs_initialized_torch_distributed():
