@@ -8,10 +8,11 @@ over enough copies to exceed L2 twice.
 Peak memory. CPU: the rise of the process's resident set during one forward+backward, i.e. the
 peak RSS (VmHWM, reset through /proc/self/clear_refs just before the call) minus the RSS right
 before it, after ``gc`` and ``malloc_trim`` returned freed memory to the OS and with the previous
-gradient dropped. It counts the student gradient (every implementation produces one) and every
-temporary. Each case runs in a fresh child process by default (``isolate="case"``); ``"impl"``
-gives every (case, implementation) its own process. CUDA: ``torch.cuda.max_memory_allocated``
-minus the memory allocated before the call.
+gradient dropped, plus the idle buffers fastkd's CPU cache held just before (fastkd's memory: the
+call reuses them; the cache is emptied after each implementation). It counts the student gradient
+(every implementation produces one) and every temporary. Each case runs in a fresh child
+process by default (``isolate="case"``); ``"impl"`` gives every (case, implementation) its own
+process. CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
 
 Every implementation's loss and gradient norm are compared with eager's, so a fast wrong answer
 shows as ``MISMATCH`` rather than as a speed-up.
@@ -73,12 +74,22 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _fastkd_cached_bytes() -> int:
+    """Idle buffers fastkd's CPU cache keeps for reuse: resident before a call, so absent from
+    its RSS growth, yet memory fastkd holds for that call."""
+    import fastkd
+
+    return fastkd.cpu_cache_info()["idle_bytes"]
+
+
 class CpuMemory:
-    """Peak RSS growth over a block of code, in bytes (None where the OS cannot say)."""
+    """Peak RSS growth over a block of code, in bytes (None where the OS cannot say), plus the
+    idle buffers fastkd's CPU cache held at the start (the code may reuse them)."""
 
     def start(self) -> None:
         gc.collect()
         _malloc_trim()
+        self.cached = _fastkd_cached_bytes()
         self.base = _status_kib("VmRSS")
         self.ok = self.base is not None and _reset_peak_rss()
 
@@ -86,7 +97,7 @@ class CpuMemory:
         peak = _status_kib("VmHWM")
         if not self.ok or peak is None:
             return None
-        return max(peak - self.base, 0) * 1024
+        return max(peak - self.base, 0) * 1024 + self.cached
 
 
 class CudaMemory:
@@ -244,6 +255,10 @@ def run_case(case: Case, device, select=None, min_time: float = 1.0, max_reps: i
                 torch.cuda.empty_cache()
         for s, _ in sets:
             s.grad = None
+        if dev.type == "cpu":  # the next implementation's memory must not include fastkd's cache
+            import fastkd
+
+            fastkd.empty_cache()
         out.append({**case.to_dict(), **r})
     del sets
     gc.collect()
@@ -436,7 +451,8 @@ def run(cases: List[Case], device=None, select: Optional[List[str]] = None,
                          else "median of timeit blocks",
                          "memory": "max_memory_allocated - allocated before the call"
                          if dev.type == "cuda" else
-                         "peak RSS (VmHWM) - RSS before the call, after gc + malloc_trim"},
+                         "peak RSS (VmHWM) - RSS before the call, after gc + malloc_trim, "
+                         "+ fastkd's idle cached buffers"},
             "results": results}
 
 
