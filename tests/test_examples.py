@@ -1,7 +1,7 @@
 """The examples users copy run, on tiny shapes, and show what they claim."""
 import importlib.util
-import re
 import pathlib
+import re
 
 import pytest
 import torch
