@@ -2,32 +2,39 @@
 // fastkd::similarity_preserving_fwd. The math, symbols and edge cases are those of
 // fastkd/reference/relational.py (its docstring is the contract); this file only says how.
 //
-// No N x N (or N^3) buffer ever exists. Gram values come a strip of rows at a time from BLAS
-// (at::mm_out, the one part that is compute-bound) and every elementwise step (distances,
-// smooth-L1, normalizations, reductions, gradient weights) is fused into one vectorized pass
-// over the strip while it is in cache. Extra memory: the centred working-precision copies of
-// the embeddings (N D each), strips of kStrip (distance, similarity) or <= kAngleBlock (angle,
-// per thread) rows, and O(N) vectors; the gradient is accumulated in grad_student itself
-// when it has the working dtype (a temporary otherwise).
+// No N x N (or N^3) buffer ever exists. Gram values come a tile at a time from BLAS (the one
+// part that is compute-bound) and every elementwise step (distances, smooth-L1,
+// normalizations, reductions, gradient weights) is fused into one vectorized pass over the
+// tile while it is in cache. Extra memory: the centred working-precision copies of the
+// embeddings (N D each; none for similarity when the input is already float32), two strips
+// of kRows rows (distance, similarity) or <= kAngleBlock rows per thread (angle), tiles of
+// kRows x kCols per thread, and O(N) vectors; the gradient is accumulated in grad_student
+// itself when it has the working dtype (a temporary otherwise).
 //
-// * distance and similarity-preserving use the symmetry of their matrices: strip [m0, m0+B)
-//   holds the pairs (i, j) with j >= i only, and its gradient weights are applied to both
-//   ends of each pair (grad_M += W X_{j>=m0}, grad_{j>=m0} += W^T X_M), so every Gram entry
-//   is computed once per pass.
-// * distance: pass 0 finds the means, pass 1 the loss and c = sum g_ij y_ij / (N (N-1)), and
-//   pass 2 (gradient only) the weights 2 (g_ij - c) / (mu d_ij). Same FLOPs as accumulating
-//   sum g/d (x_i - x_j) and sum 1/d (x_i - x_j) in two passes and combining them with c at
-//   the end, one N x D accumulator fewer.
-// * similarity-preserving: pass 0 the row norms |G_i|^2, |Gt_i|^2, G_i . Gt_i, pass 1 the loss
-//   and the gradient (Z + Z^T) X with weights (v_i + v_j) G_ij - (w_i + w_j) Gt_ij.
+// * distance and similarity-preserving use the symmetry of their matrices: tile-row
+//   [m0, m0 + kRows) holds the pairs (i, j) with j >= i only, cut into tiles of kCols
+//   columns; gradient weights are applied to both ends of each pair (grad_J += W^T X_M by
+//   the tile that owns columns J, grad_M += W X_{j>=m0} from the tile-row's strip), so every
+//   Gram entry is computed once per sweep.
+// * Threads take tiles from a shared counter, each with its own single-threaded GEMM (no
+//   barrier inside a BLAS call, so load from other processes slows one thread, not all);
+//   sweeps whose output is a few scalars have no barrier at all, gradient sweeps one per
+//   tile-row (the strip's row contribution runs alongside the next tile-row's tiles).
+// * distance: sweep 0 finds the means, sweep 1 the loss and c = sum g_ij y_ij / (N (N-1)),
+//   and sweep 2 (gradient only) the weights 2 (g_ij - c) / (mu d_ij). Same FLOPs as
+//   accumulating sum g/d (x_i - x_j) and sum 1/d (x_i - x_j) in two sweeps and combining them
+//   with c at the end, one N x D accumulator fewer.
+// * similarity-preserving: sweep 0 the row norms |G_i|^2, |Gt_i|^2, G_i . Gt_i, sweep 1 the
+//   loss and the gradient (Z + Z^T) X with weights (v_i + v_j) G_ij - (w_i + w_j) Gt_ij.
 // * angle: a block of anchor rows M per task; for each block K the three sweeps over the
 //   third index give the loss and the N x N gradient weights W_mk of the contract (P, q, t),
 //   one strip of W at a time, then grad_M = W_M X - rowsum(W_M) X_M.
 // * Squared distances come from the Gram identity |x_i|^2 + |x_j|^2 - 2 x_i.x_j on centred
 //   rows; a pair whose value is within rounding of 0 (r <= kRefine (|x_i|^2 + |x_j|^2)) is
 //   recomputed exactly from the difference, so duplicated rows give exactly 0.
-// Arithmetic is float32 (float64 when an input is float64); results are deterministic for a
-// given thread count (fixed-order reductions; BLAS as configured).
+// Arithmetic is float32 (float64 when an input is float64). Results are bitwise
+// reproducible: every task's output is the same whichever thread runs it, and partial sums
+// are combined in a fixed order (tiles, runs and tasks depend on N and D only).
 
 #include "cpu_capability.h"  // first: it selects at::vec's ISA
 
@@ -38,14 +45,20 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
 
 namespace fastkd {
 namespace {
 
-constexpr int64_t kStrip = 64;       // rows per Gram strip (distance, similarity)
+constexpr int64_t kRows = 64;        // rows per tile-row (distance, similarity)
+constexpr int64_t kCols = 128;       // columns per tile: one task, two Gram GEMMs of kRows x kCols x D
+constexpr int64_t kDcols = 128;      // embedding columns per task of a strip's row contribution
+constexpr int64_t kSegments = 64;    // runs of tiles in a scalar-only sweep (one partial sum each)
 constexpr int64_t kAngleBlock = 64;  // anchor rows per angle task (fewer when threads would idle)
 constexpr double kRefine = 1.0 / 64; // relative threshold below which r_ij is recomputed exactly
 constexpr double kSpEps = 1e-12;     // F.normalize's eps (similarity-preserving)
@@ -100,7 +113,7 @@ struct Side {
   const T* psq;
   int64_t N, D;
   Side(const at::Tensor& in, at::ScalarType acc, bool centre) {
-    x = in.to(acc);
+    x = in.detach().to(acc);
     if (centre) x = x - x.mean(0, /*keepdim=*/true);
     x = x.contiguous();
     N = x.size(0);
@@ -175,8 +188,106 @@ at::Tensor grad_accumulator(const std::optional<at::Tensor>& grad, at::ScalarTyp
 }
 
 // ---------------------------------------------------------------------------------------------
-// RKD distance. Pass 0: the means; pass 1: the loss and c; pass 2 (gradient only): the weights
-// W_ij = 2 (g_ij - c) [r_ij >= eps] / (mu d_ij) of the pairs, applied at both ends.
+// Parallel sweeps. Each thread takes tasks from a shared counter and computes its Gram tiles
+// with its own single-threaded BLAS call (inside at::parallel_for, BLAS does not spawn
+// threads): no barrier inside a GEMM, so a thread slowed by other load delays nobody, and
+// a task's result never depends on which thread ran it. Every reduction is over fixed
+// slices in a fixed order, so results are bitwise reproducible (and independent of the
+// thread count).
+template <typename Scratch, typename MakeScratch, typename Fn>
+void run_tasks(int64_t n, const MakeScratch& make, const Fn& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    // worker threads do not inherit the caller's grad mode: plain kernels, no autograd
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Scratch scratch = make();
+    for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < n;) fn(k, scratch);
+  });
+}
+
+// The upper triangle (j >= i) of an N x N matrix: tile-rows of kRows rows, each cut into
+// tiles of kCols columns starting at its diagonal (tile-row I covers rows and the first
+// columns [m0, m0 + rows), m0 = I kRows).
+struct Upper {
+  int64_t N, R, nrows;
+  explicit Upper(int64_t n) : N(n), R(std::min(kRows, n)), nrows((n + R - 1) / R) {}
+  int64_t m0(int64_t I) const { return I * R; }
+  int64_t rows(int64_t I) const { return std::min(R, N - I * R); }
+  int64_t tiles(int64_t I) const { return (N - I * R + kCols - 1) / kCols; }
+  int64_t c0(int64_t I, int64_t k) const { return I * R + k * kCols; }
+  int64_t width(int64_t I, int64_t k) const { return std::min(kCols, N - c0(I, k)); }
+};
+
+// out[rows, cols] (contiguous) = x[r0:r0+rows] x[c0:c0+cols]^T
+template <typename T>
+void gram_tile(const at::Tensor& x, int64_t r0, int64_t rows, int64_t c0, int64_t cols, T* out) {
+  at::Tensor o = at::from_blob(out, {rows, cols}, x.options());
+  at::mm_out(o, x.narrow(0, r0, rows), x.narrow(0, c0, cols).t());
+}
+
+// Per-thread scratch of the tile sweeps: the two Gram tiles and two rows of squared distances.
+template <typename T>
+struct TileScratch {
+  std::unique_ptr<T[]> buf;
+  T *gs, *gt, *rs, *rt, *out;
+  TileScratch(int64_t R, int64_t D) {
+    const int64_t tile = R * kCols, out_n = R * std::min(D, kDcols);
+    buf.reset(new T[2 * tile + 2 * kCols + out_n]);
+    gs = buf.get(), gt = gs + tile, rs = gt + tile, rt = rs + kCols, out = rt + kCols;
+  }
+};
+
+// The tiles of a sweep in a fixed order, cut into at most kSegments runs of about equal work:
+// a scalar-only sweep needs no barrier, one partial sum per run.
+struct Segments {
+  std::vector<std::pair<int64_t, int64_t>> begin;  // run s: tiles (I, k) from begin[s] to begin[s + 1]
+  explicit Segments(const Upper& U) {
+    double total = 0;
+    for (int64_t I = 0; I < U.nrows; ++I) total += static_cast<double>(U.rows(I) * (U.N - U.m0(I)));
+    double done = 0;
+    for (int64_t I = 0; I < U.nrows; ++I)
+      for (int64_t k = 0; k < U.tiles(I); ++k) {
+        if (done >= total * static_cast<double>(begin.size()) / kSegments) begin.emplace_back(I, k);
+        done += static_cast<double>(U.rows(I) * U.width(I, k));
+      }
+    begin.emplace_back(U.nrows, 0);
+  }
+  int64_t runs() const { return static_cast<int64_t>(begin.size()) - 1; }
+  static void next(const Upper& U, int64_t& I, int64_t& k) {
+    if (++k == U.tiles(I)) ++I, k = 0;
+  }
+};
+
+// Row contribution of a finished strip: acc[p0:p0+rows] += sign * W x[p0:] with W the strip
+// (rows x (N - p0), leading dimension N), D split into kDcols-column tasks (d = task index).
+template <typename T>
+void strip_times_x(const T* strip, int64_t rows, int64_t p0, const at::Tensor& x, at::Tensor& acc, int64_t d,
+                   T sign, T* out) {
+  const int64_t N = x.size(0), D = x.size(1), d0 = d * kDcols, dw = std::min(kDcols, D - d0);
+  const at::Tensor w = at::from_blob(const_cast<T*>(strip), {rows, N - p0}, {N, 1}, x.options());
+  at::Tensor o = at::from_blob(out, {rows, dw}, x.options());
+  at::mm_out(o, w, x.narrow(0, p0, N - p0).narrow(1, d0, dw));
+  T* a = acc.data_ptr<T>();
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> s(sign);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* ar = a + (p0 + r) * D + d0;
+    const T* orow = out + r * dw;
+    for (int64_t c = 0; c < dw; c += W) {
+      const int64_t n = std::min<int64_t>(W, dw - c);
+      at::vec::fmadd(s, Vec<T>::loadu(orow + c, n), Vec<T>::loadu(ar + c, n)).store(ar + c, n);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RKD distance. Sweep 0: the means; sweep 1: the loss and c (both scalar-only, in kSegments
+// runs); sweep 2 (gradient only): the weights W_ij = 2 (g_ij - c) [r_ij >= eps] / (mu d_ij) of
+// the pairs j > i, one tile-row at a time: each tile applies W^T to its rows' embeddings
+// (columns' gradient, owned by the tile) and writes W into the strip, whose row contribution
+// W X runs with the next tile-row's tiles.
 template <typename T>
 void rkd_distance_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                        const std::optional<at::Tensor>& grad, double eps, double delta) {
@@ -184,222 +295,278 @@ void rkd_distance_impl(const at::Tensor& student, const at::Tensor& teacher, con
   const at::ScalarType acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
   const bool want = grad.has_value();
   const Side<T> S(student, acc, true), Tt(teacher, acc, true);
-  const int64_t N = S.N;
+  const int64_t N = S.N, D = S.D;
   const auto opt = at::TensorOptions().dtype(acc);
-  const int64_t B = std::min(kStrip, N);
-  // pass 2 writes the weights W of a strip over its student Gram values (each row is turned
-  // into squared distances first)
-  at::Tensor gs_buf = at::empty({B * N}, opt), gt_buf = at::empty({B * N}, opt);
-  at::Tensor gacc, rs;  // sum_j W_ij (x_i - x_j) = rs_i x_i + gacc_i
-  T* prs = nullptr;
-  if (want) {
-    gacc = grad_accumulator(grad, acc, N, S.D);
-    rs = at::zeros({N}, opt);
-    prs = rs.data_ptr<T>();
-  }
-  const Vec<T> veps(static_cast<T>(eps)), zero(0), one(1);
+  const Upper U(N);
+  const Vec<T> veps(static_cast<T>(eps)), zero(0);
   const Huber<T> hub(delta);
-  std::vector<double> sum_s(N, 0.0), sum_t(N, 0.0), loss_row(N, 0.0), c_row(N, 0.0);
-  double inv_mu_s = 0, inv_mu_t = 0, c = 0;
   const double pairs = static_cast<double>(N) * (N - 1);
   const T invN2 = static_cast<T>(1.0 / (static_cast<double>(N) * N));
+  double inv_mu_s = 0, inv_mu_t = 0, c = 0;
+  auto scratch = [&] { return TileScratch<T>(U.R, D); };
 
-  for (int pass = 0; pass < (want ? 3 : 2); ++pass) {
-    for (int64_t m0 = 0; m0 < N; m0 += B) {
-      const int64_t rows = std::min(B, N - m0), cols = N - m0;
-      const at::Tensor Gs = gram_strip(S.x, m0, rows, m0, gs_buf);
-      const at::Tensor Gt = gram_strip(Tt.x, m0, rows, m0, gt_buf);
-      const T* gs = Gs.data_ptr<T>();
-      const T* gt = Gt.data_ptr<T>();
-      T* w = pass == 2 ? Gs.data_ptr<T>() : nullptr;
-      const Vec<T> vims(static_cast<T>(inv_mu_s)), vimt(static_cast<T>(inv_mu_t));
-      const Vec<T> vc(static_cast<T>(c)), coef(static_cast<T>(2.0 * inv_mu_s));
-      at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-        std::vector<T> rbs(cols), rbt(cols);
-        for (int64_t ii = r0; ii < r1; ++ii) {
-          const int64_t i = m0 + ii, c1 = ii + 1;  // columns c >= c1 are the pairs j > i
-          T* wrow = w ? w + ii * cols : nullptr;
-          if (wrow) std::fill(wrow, wrow + std::min(c1, cols), T(0));
-          if (i + 1 >= N) continue;
-          sq_dist_row(S, i, gs + ii * cols, m0, i + 1, N, rbs.data());
-          sq_dist_row(Tt, i, gt + ii * cols, m0, i + 1, N, rbt.data());
+  // Squared distances of row ii of a tile (both sides) for the pairs j > i: rs/rt[cc] for the
+  // columns cc in [lo, width); returns lo.
+  auto tile_row = [&](TileScratch<T>& sc, int64_t I, int64_t k, int64_t ii) -> int64_t {
+    const int64_t i = U.m0(I) + ii, c0 = U.c0(I, k), w = U.width(I, k);
+    const int64_t lo = std::min(w, std::max<int64_t>(0, i + 1 - c0));
+    if (lo < w) {
+      sq_dist_row(S, i, sc.gs + ii * w, c0, c0 + lo, c0 + w, sc.rs);
+      sq_dist_row(Tt, i, sc.gt + ii * w, c0, c0 + lo, c0 + w, sc.rt);
+    }
+    return lo;
+  };
+  auto grams = [&](TileScratch<T>& sc, int64_t I, int64_t k) {
+    gram_tile(S.x, U.m0(I), U.rows(I), U.c0(I, k), U.width(I, k), sc.gs);
+    gram_tile(Tt.x, U.m0(I), U.rows(I), U.c0(I, k), U.width(I, k), sc.gt);
+  };
+
+  // sweeps 0 and 1: (a1, a2) summed over the pairs j > i of every tile, then doubled
+  const Segments seg(U);
+  for (int pass = 0; pass < 2; ++pass) {
+    std::vector<double> p1(seg.runs(), 0.0), p2(seg.runs(), 0.0);
+    const Vec<T> vims(static_cast<T>(inv_mu_s)), vimt(static_cast<T>(inv_mu_t));
+    run_tasks<TileScratch<T>>(seg.runs(), scratch, [&](int64_t s, TileScratch<T>& sc) {
+      double t1 = 0, t2 = 0;
+      int64_t I = seg.begin[s].first, k = seg.begin[s].second;
+      for (; std::make_pair(I, k) != seg.begin[s + 1]; Segments::next(U, I, k)) {
+        const int64_t w = U.width(I, k);
+        grams(sc, I, k);
+        for (int64_t ii = 0; ii < U.rows(I); ++ii) {
+          const int64_t lo = tile_row(sc, I, k, ii);
           Vec<T> a1(0), a2(0);
-          for (int64_t cc = c1; cc < cols; cc += W) {
-            const int64_t n = std::min<int64_t>(W, cols - cc);
+          for (int64_t cc = lo; cc < w; cc += W) {
+            const int64_t n = std::min<int64_t>(W, w - cc);
             const Vec<T> lanes = lanes_below<T>(n);
-            const Vec<T> r_s = Vec<T>::loadu(rbs.data() + cc, n);
-            const Vec<T> d_s = at::vec::maximum(r_s, veps).sqrt();
-            const Vec<T> d_t = at::vec::maximum(Vec<T>::loadu(rbt.data() + cc, n), veps).sqrt();
+            const Vec<T> d_s = at::vec::maximum(Vec<T>::loadu(sc.rs + cc, n), veps).sqrt();
+            const Vec<T> d_t = at::vec::maximum(Vec<T>::loadu(sc.rt + cc, n), veps).sqrt();
             if (pass == 0) {
               a1 += d_s & lanes;
               a2 += d_t & lanes;
-              continue;
-            }
-            const Vec<T> y = d_s * vims, z = y - d_t * vimt;
-            const Vec<T> g = hub.dh(z) * Vec<T>(invN2);
-            if (pass == 1) {
-              a1 += hub.h(z) & lanes;
-              a2 += (g * y) & lanes;
             } else {
-              const Vec<T> wv = Vec<T>::blendv(zero, coef * (g - vc) / d_s, r_s >= veps) & lanes;
-              wv.store(wrow + cc, n);
-              a1 += wv;
+              const Vec<T> y = d_s * vims, z = y - d_t * vimt;
+              a1 += hub.h(z) & lanes;
+              a2 += (hub.dh(z) * y) & lanes;
             }
           }
-          if (pass == 0) {
-            sum_s[i] = hsum(a1);
-            sum_t[i] = hsum(a2);
-          } else if (pass == 1) {
-            loss_row[i] = 2.0 * hsum(a1);  // pairs (i, j) and (j, i)
-            c_row[i] = 2.0 * hsum(a2);
-          } else {
-            prs[i] += hsum(a1);  // row sums; column sums below
-          }
+          t1 += hsum(a1);
+          t2 += hsum(a2);
         }
-      });
-      if (pass == 2) {
-        gacc.narrow(0, m0, rows).addmm_(Gs, S.x.narrow(0, m0, cols), 1, -1);
-        gacc.narrow(0, m0, cols).addmm_(Gs.t(), S.x.narrow(0, m0, rows), 1, -1);
-        rs.narrow(0, m0, cols).add_(Gs.sum(0));
       }
-    }
+      p1[s] = 2.0 * t1;  // pairs (i, j) and (j, i)
+      p2[s] = 2.0 * t2;
+    });
+    double s1 = 0, s2 = 0;
+    for (int64_t s = 0; s < seg.runs(); ++s) s1 += p1[s], s2 += p2[s];
     if (pass == 0) {
-      double ts = 0, tt = 0;
-      for (int64_t i = 0; i < N; ++i) ts += sum_s[i], tt += sum_t[i];
-      inv_mu_s = pairs / (2.0 * ts);
-      inv_mu_t = pairs / (2.0 * tt);
-    } else if (pass == 1) {
-      double total = 0, csum = 0;
-      for (int64_t i = 0; i < N; ++i) total += loss_row[i], csum += c_row[i];
-      loss.fill_(total / (static_cast<double>(N) * N));
-      c = csum / pairs;
+      inv_mu_s = pairs / s1;
+      inv_mu_t = pairs / s2;
+    } else {
+      loss.fill_(s1 / (static_cast<double>(N) * N));
+      c = s2 * invN2 / pairs;  // c = sum g y / (N (N - 1)), g = h' / N^2
     }
   }
-  if (want) {
-    gacc.addcmul_(rs.unsqueeze(1), S.x);
-    if (!gacc.is_same(*grad)) grad->copy_(gacc);
+  if (!want) return;
+
+  // sweep 2: sum_j W_ij (x_i - x_j) = rs_i x_i - (W X)_i
+  at::Tensor gacc = grad_accumulator(grad, acc, N, D);
+  std::vector<T> rs(N, T(0));
+  std::vector<T> strips(2 * U.R * N);
+  const int64_t nd = (D + kDcols - 1) / kDcols;
+  const Vec<T> vims(static_cast<T>(inv_mu_s)), vimt(static_cast<T>(inv_mu_t));
+  const Vec<T> vc(static_cast<T>(c)), coef(static_cast<T>(2.0 * inv_mu_s));
+  for (int64_t I = 0; I <= U.nrows; ++I) {
+    const int64_t ndef = I > 0 ? nd : 0, ntile = I < U.nrows ? U.tiles(I) : 0;
+    run_tasks<TileScratch<T>>(ndef + ntile, scratch, [&](int64_t task, TileScratch<T>& sc) {
+      if (task < ndef) {  // the previous tile-row's row contribution (and its row sums)
+        const int64_t P = I - 1, p0 = U.m0(P), pr = U.rows(P);
+        const T* strip = strips.data() + (P & 1) * U.R * N;
+        strip_times_x(strip, pr, p0, S.x, gacc, task, T(-1), sc.out);
+        if (task == 0)
+          for (int64_t r = 0; r < pr; ++r) {
+            Vec<T> a(0);
+            const T* sr = strip + r * N;
+            for (int64_t cc = 0; cc < N - p0; cc += W) a += Vec<T>::loadu(sr + cc, std::min<int64_t>(W, N - p0 - cc));
+            rs[p0 + r] += hsum(a);
+          }
+        return;
+      }
+      const int64_t k = task - ndef, m0 = U.m0(I), rows = U.rows(I), c0 = U.c0(I, k), w = U.width(I, k);
+      T* strip = strips.data() + (I & 1) * U.R * N + (c0 - m0);
+      grams(sc, I, k);
+      T* wt = sc.gs;  // W overwrites the student Gram tile, row by row
+      for (int64_t ii = 0; ii < rows; ++ii) {
+        const int64_t lo = tile_row(sc, I, k, ii);
+        T* wr = wt + ii * w;
+        std::fill(wr, wr + lo, T(0));
+        for (int64_t cc = lo; cc < w; cc += W) {
+          const int64_t n = std::min<int64_t>(W, w - cc);
+          const Vec<T> r_s = Vec<T>::loadu(sc.rs + cc, n);
+          const Vec<T> d_s = at::vec::maximum(r_s, veps).sqrt();
+          const Vec<T> d_t = at::vec::maximum(Vec<T>::loadu(sc.rt + cc, n), veps).sqrt();
+          const Vec<T> y = d_s * vims, z = y - d_t * vimt;
+          const Vec<T> g = hub.dh(z) * Vec<T>(invN2);
+          Vec<T>::blendv(zero, coef * (g - vc) / d_s, r_s >= veps).store(wr + cc, n);
+        }
+        std::copy(wr, wr + w, strip + ii * N);
+      }
+      for (int64_t cc = 0; cc < w; cc += W) {  // column sums, rows in order
+        const int64_t n = std::min<int64_t>(W, w - cc);
+        Vec<T> a(0);
+        for (int64_t ii = 0; ii < rows; ++ii) a += Vec<T>::loadu(wt + ii * w + cc, n);
+        __at_align__ T tmp[W];
+        a.store(tmp);
+        for (int64_t l = 0; l < n; ++l) rs[c0 + cc + l] += tmp[l];
+      }
+      const at::Tensor wv = at::from_blob(wt, {rows, w}, opt);
+      gacc.narrow(0, c0, w).addmm_(wv.t(), S.x.narrow(0, m0, rows), 1, -1);
+    });
   }
+  gacc.addcmul_(at::from_blob(rs.data(), {N, 1}, opt), S.x);
+  if (!gacc.is_same(*grad)) grad->copy_(gacc);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Similarity-preserving
+// Similarity-preserving. Sweep 0: the row sums |Gs_i|^2, |Gt_i|^2, Gs_i . Gt_i (each tile adds
+// its column sums to the rows it owns and leaves its row sums, added in tile order after the
+// tile-row). Sweep 1: the loss and the gradient (Z + Z^T) X with the symmetric weights
+// Y_ij = (v_i + v_j) Gs_ij - (w_i + w_j) Gt_ij, in tile-rows like the distance's sweep 2.
 template <typename T>
 void sp_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
              const std::optional<at::Tensor>& grad) {
   constexpr int64_t W = Vec<T>::size();
   const at::ScalarType acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
   const Side<T> S(student, acc, false), Tt(teacher, acc, false);
-  const int64_t N = S.N;
+  const int64_t N = S.N, D = S.D;
   const bool want = grad.has_value();
   const auto opt = at::TensorOptions().dtype(acc);
-  const int64_t B = std::min(kStrip, N);
-  // the gradient weights Y of a strip overwrite its student Gram values, entry by entry
-  at::Tensor gs_buf = at::empty({B * N}, opt), gt_buf = at::empty({B * N}, opt), gacc;
-  if (want) gacc = grad_accumulator(grad, acc, N, S.D);
-  // pass 1: ss_i = |Gs_i|^2, tt_i = |Gt_i|^2, st_i = Gs_i . Gt_i (row parts, then column parts)
+  const Upper U(N);
+  auto scratch = [&] { return TileScratch<T>(U.R, D); };
+  auto grams = [&](TileScratch<T>& sc, int64_t I, int64_t k) {
+    gram_tile(S.x, U.m0(I), U.rows(I), U.c0(I, k), U.width(I, k), sc.gs);
+    gram_tile(Tt.x, U.m0(I), U.rows(I), U.c0(I, k), U.width(I, k), sc.gt);
+  };
+  const int64_t max_tiles = U.tiles(0);
+
+  // sweep 0
   std::vector<double> ss(N, 0.0), tt(N, 0.0), st(N, 0.0);
-  std::vector<T> inv_n(N), inv_m(N), vv(N), ww(N);
-  std::vector<double> loss_row(N, 0.0);
-  const double invN2 = 1.0 / (static_cast<double>(N) * N);
-  for (int pass = 0; pass < 2; ++pass) {
-    for (int64_t m0 = 0; m0 < N; m0 += B) {
-      const int64_t rows = std::min(B, N - m0), cols = N - m0;
-      const at::Tensor Gs = gram_strip(S.x, m0, rows, m0, gs_buf);
-      const at::Tensor Gt = gram_strip(Tt.x, m0, rows, m0, gt_buf);
-      const T* gs = Gs.data_ptr<T>();
-      const T* gt = Gt.data_ptr<T>();
-      if (pass == 0) {
-        at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {  // row parts: j >= i
-          for (int64_t ii = r0; ii < r1; ++ii) {
-            Vec<T> a(0), b(0), c(0);
-            for (int64_t cc = ii; cc < cols; cc += W) {
-              const int64_t n = std::min<int64_t>(W, cols - cc);
-              const Vec<T> x = Vec<T>::loadu(gs + ii * cols + cc, n), y = Vec<T>::loadu(gt + ii * cols + cc, n);
-              a = at::vec::fmadd(x, x, a);
-              b = at::vec::fmadd(y, y, b);
-              c = at::vec::fmadd(x, y, c);
-            }
-            ss[m0 + ii] += hsum(a);
-            tt[m0 + ii] += hsum(b);
-            st[m0 + ii] += hsum(c);
-          }
-        });
-        // column parts: j > i, each thread owns a range of columns
-        at::parallel_for(0, (cols + W - 1) / W, 4, [&](int64_t v0, int64_t v1) {
-          for (int64_t cv = v0; cv < v1; ++cv) {
-            const int64_t cc = cv * W, n = std::min<int64_t>(W, cols - cc);
-            Vec<T> a(0), b(0), c(0);
-            const Vec<T> col = Vec<T>::arange(static_cast<T>(cc), T(1));
-            for (int64_t ii = 0; ii < std::min(rows, cc + n); ++ii) {
-              const Vec<T> keep = col > Vec<T>(static_cast<T>(ii));
-              const Vec<T> x = Vec<T>::loadu(gs + ii * cols + cc, n) & keep;
-              const Vec<T> y = Vec<T>::loadu(gt + ii * cols + cc, n) & keep;
-              a = at::vec::fmadd(x, x, a);
-              b = at::vec::fmadd(y, y, b);
-              c = at::vec::fmadd(x, y, c);
-            }
-            __at_align__ T ta[W], tb[W], tc[W];
-            a.store(ta), b.store(tb), c.store(tc);
-            for (int64_t l = 0; l < n; ++l) {
-              ss[m0 + cc + l] += ta[l];
-              tt[m0 + cc + l] += tb[l];
-              st[m0 + cc + l] += tc[l];
-            }
-          }
-        });
-        continue;
-      }
-      T* y = want ? Gs.data_ptr<T>() : nullptr;
-      at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-        for (int64_t ii = r0; ii < r1; ++ii) {
-          const int64_t i = m0 + ii;
-          const T* gsr = gs + ii * cols;
-          const T* gtr = gt + ii * cols;
-          const T* in = inv_n.data() + m0;  // indexed by column
-          const T* im = inv_m.data() + m0;
-          // diagonal: the pair (i, i) once
-          const T dd = gsr[ii] * inv_n[i] - gtr[ii] * inv_m[i];
-          double row = static_cast<double>(dd) * dd;
-          T* yr = want ? y + ii * cols : nullptr;  // == gsr: each entry is read, then replaced
-          if (want) {
-            yr[ii] = vv[i] * gsr[ii] - ww[i] * gtr[ii];  // half of (Z + Z^T)_ii: both ends apply it
-            std::fill(yr, yr + ii, T(0));
-          }
-          const Vec<T> ini(inv_n[i]), imi(inv_m[i]), vi(vv[i]), wi(ww[i]);
-          Vec<T> a(0);
-          for (int64_t c = ii + 1; c < cols; c += W) {
-            const int64_t n = std::min<int64_t>(W, cols - c);
-            const Vec<T> x = Vec<T>::loadu(gsr + c, n), z = Vec<T>::loadu(gtr + c, n);
-            const Vec<T> e1 = x * ini - z * imi;
-            const Vec<T> e2 = x * Vec<T>::loadu(in + c, n) - z * Vec<T>::loadu(im + c, n);
-            a = at::vec::fmadd(e1, e1, a);
-            a = at::vec::fmadd(e2, e2, a);  // zero-filled tail lanes add 0
-            if (want)
-              ((vi + Vec<T>::loadu(vv.data() + m0 + c, n)) * x - (wi + Vec<T>::loadu(ww.data() + m0 + c, n)) * z)
-                  .store(yr + c, n);
-          }
-          loss_row[i] = row + hsum(a);
+  std::vector<double> part(max_tiles * U.R * 3);  // row sums of each tile of a tile-row
+  for (int64_t I = 0; I < U.nrows; ++I) {
+    const int64_t m0 = U.m0(I), rows = U.rows(I);
+    run_tasks<TileScratch<T>>(U.tiles(I), scratch, [&](int64_t k, TileScratch<T>& sc) {
+      const int64_t c0 = U.c0(I, k), w = U.width(I, k);
+      grams(sc, I, k);
+      const T* gs = sc.gs;
+      const T* gt = sc.gt;
+      for (int64_t ii = 0; ii < rows; ++ii) {  // row parts: j >= i
+        const int64_t lo = std::max<int64_t>(0, m0 + ii - c0);
+        Vec<T> a(0), b(0), e(0);
+        for (int64_t cc = lo; cc < w; cc += W) {
+          const int64_t n = std::min<int64_t>(W, w - cc);
+          const Vec<T> x = Vec<T>::loadu(gs + ii * w + cc, n), y = Vec<T>::loadu(gt + ii * w + cc, n);
+          a = at::vec::fmadd(x, x, a);
+          b = at::vec::fmadd(y, y, b);
+          e = at::vec::fmadd(x, y, e);
         }
-      });
-      if (want) {
-        gacc.narrow(0, m0, rows).addmm_(Gs, S.x.narrow(0, m0, cols));
-        gacc.narrow(0, m0, cols).addmm_(Gs.t(), S.x.narrow(0, m0, rows));
+        double* p = part.data() + (k * U.R + ii) * 3;
+        p[0] = hsum(a), p[1] = hsum(b), p[2] = hsum(e);
       }
-    }
-    if (pass == 0) {
-      for (int64_t i = 0; i < N; ++i) {
-        const double ns = std::sqrt(ss[i]), nt = std::sqrt(tt[i]);
-        const double n = std::max(ns, kSpEps), m = std::max(nt, kSpEps);
-        const double rho = 2.0 * invN2 * (ss[i] / (n * n) - st[i] / (n * m));
-        inv_n[i] = static_cast<T>(1.0 / n);
-        inv_m[i] = static_cast<T>(1.0 / m);
-        vv[i] = static_cast<T>((2.0 * invN2 - (ns >= kSpEps ? rho : 0.0)) / (n * n));
-        ww[i] = static_cast<T>(2.0 * invN2 / (n * m));
+      for (int64_t cc = 0; cc < w; cc += W) {  // column parts: i < j, the tile owns columns j
+        const int64_t n = std::min<int64_t>(W, w - cc);
+        const Vec<T> col = Vec<T>::arange(static_cast<T>(c0 + cc), T(1));
+        Vec<T> a(0), b(0), e(0);
+        for (int64_t ii = 0; ii < std::min(rows, c0 + cc + n - m0); ++ii) {
+          const Vec<T> keep = col > Vec<T>(static_cast<T>(m0 + ii));
+          const Vec<T> x = Vec<T>::loadu(gs + ii * w + cc, n) & keep;
+          const Vec<T> y = Vec<T>::loadu(gt + ii * w + cc, n) & keep;
+          a = at::vec::fmadd(x, x, a);
+          b = at::vec::fmadd(y, y, b);
+          e = at::vec::fmadd(x, y, e);
+        }
+        __at_align__ T ta[W], tb[W], te[W];
+        a.store(ta), b.store(tb), e.store(te);
+        for (int64_t l = 0; l < n; ++l) {
+          ss[c0 + cc + l] += ta[l];
+          tt[c0 + cc + l] += tb[l];
+          st[c0 + cc + l] += te[l];
+        }
       }
-    }
+    });
+    for (int64_t ii = 0; ii < rows; ++ii)
+      for (int64_t k = 0; k < U.tiles(I); ++k) {
+        const double* p = part.data() + (k * U.R + ii) * 3;
+        ss[m0 + ii] += p[0], tt[m0 + ii] += p[1], st[m0 + ii] += p[2];
+      }
   }
+  const double invN2 = 1.0 / (static_cast<double>(N) * N);
+  std::vector<T> inv_n(N), inv_m(N), vv(N), ww(N);
+  for (int64_t i = 0; i < N; ++i) {
+    const double ns = std::sqrt(ss[i]), nt = std::sqrt(tt[i]);
+    const double n = std::max(ns, kSpEps), m = std::max(nt, kSpEps);
+    const double rho = 2.0 * invN2 * (ss[i] / (n * n) - st[i] / (n * m));
+    inv_n[i] = static_cast<T>(1.0 / n);
+    inv_m[i] = static_cast<T>(1.0 / m);
+    vv[i] = static_cast<T>((2.0 * invN2 - (ns >= kSpEps ? rho : 0.0)) / (n * n));
+    ww[i] = static_cast<T>(2.0 * invN2 / (n * m));
+  }
+
+  // sweep 1
+  at::Tensor gacc = want ? grad_accumulator(grad, acc, N, D) : at::Tensor();
+  std::vector<T> strips(want ? 2 * U.R * N : 0);
+  std::vector<double> lpart(max_tiles, 0.0);
+  const int64_t nd = want ? (D + kDcols - 1) / kDcols : 0;
   double total = 0;
-  for (int64_t i = 0; i < N; ++i) total += loss_row[i];
+  for (int64_t I = 0; I <= U.nrows; ++I) {
+    const int64_t ndef = I > 0 ? nd : 0, ntile = I < U.nrows ? U.tiles(I) : 0;
+    run_tasks<TileScratch<T>>(ndef + ntile, scratch, [&](int64_t task, TileScratch<T>& sc) {
+      if (task < ndef) {
+        const int64_t P = I - 1;
+        strip_times_x(strips.data() + (P & 1) * U.R * N, U.rows(P), U.m0(P), S.x, gacc, task, T(1),
+                      sc.out);
+        return;
+      }
+      const int64_t k = task - ndef, m0 = U.m0(I), rows = U.rows(I), c0 = U.c0(I, k), w = U.width(I, k);
+      grams(sc, I, k);
+      T* gs = sc.gs;  // Y overwrites the student Gram tile, row by row
+      const T* gt = sc.gt;
+      const T* in = inv_n.data() + c0;  // indexed by column
+      const T* im = inv_m.data() + c0;
+      double lsum = 0;
+      for (int64_t ii = 0; ii < rows; ++ii) {
+        const int64_t i = m0 + ii, lo = std::min(w, std::max<int64_t>(0, i + 1 - c0));
+        T* gr = gs + ii * w;
+        const T* tr = gt + ii * w;
+        if (lo > 0 && i - c0 < w && i >= c0) {  // the diagonal (i, i), once
+          const int64_t d = i - c0;
+          const T dd = gr[d] * inv_n[i] - tr[d] * inv_m[i];
+          lsum += static_cast<double>(dd) * dd;
+          if (want) gr[d] = vv[i] * gr[d] - ww[i] * tr[d];  // half of (Z + Z^T)_ii: both ends apply it
+        }
+        if (want) std::fill(gr, gr + std::max<int64_t>(0, std::min(lo, i - c0)), T(0));
+        const Vec<T> ini(inv_n[i]), imi(inv_m[i]), vi(vv[i]), wi(ww[i]);
+        Vec<T> a(0);
+        for (int64_t cc = lo; cc < w; cc += W) {
+          const int64_t n = std::min<int64_t>(W, w - cc);
+          const Vec<T> x = Vec<T>::loadu(gr + cc, n), z = Vec<T>::loadu(tr + cc, n);
+          const Vec<T> e1 = x * ini - z * imi;
+          const Vec<T> e2 = x * Vec<T>::loadu(in + cc, n) - z * Vec<T>::loadu(im + cc, n);
+          a = at::vec::fmadd(e1, e1, a);
+          a = at::vec::fmadd(e2, e2, a);  // zero-filled tail lanes add 0
+          if (want)
+            ((vi + Vec<T>::loadu(vv.data() + c0 + cc, n)) * x - (wi + Vec<T>::loadu(ww.data() + c0 + cc, n)) * z)
+                .store(gr + cc, n);
+        }
+        lsum += hsum(a);
+        if (want) std::copy(gr, gr + w, strips.data() + (I & 1) * U.R * N + ii * N + (c0 - m0));
+      }
+      lpart[k] = lsum;
+      if (want) {
+        const at::Tensor yv = at::from_blob(gs, {rows, w}, opt);
+        gacc.narrow(0, c0, w).addmm_(yv.t(), S.x.narrow(0, m0, rows));
+      }
+    });
+    for (int64_t k = 0; k < ntile; ++k) total += lpart[k];
+  }
   loss.fill_(total * invN2);
   if (want && !gacc.is_same(*grad)) grad->copy_(gacc);
 }
