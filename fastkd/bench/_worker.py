@@ -1,21 +1,16 @@
-"""Child process of ``fastkd.bench`` (isolate="case" / "impl"): runs one case, writes JSON.
+"""Child process of ``fastkd.bench`` (isolate="case" / "impl"): runs one case in a fresh process.
 
-Reads a spec from stdin: {"case": {...}, "device", "select", "min_time", "max_reps", "prefix",
-"out"}; writes the list of result rows to spec["out"]. Progress goes to stderr as in-process.
+Reads a spec from stdin: {"case": {...}, "device", "select", "min_time", "max_reps"}; reports
+every implementation's start and result as a line on stdout (``harness.child_main``).
 """
 import json
 import sys
 
-from .divergences import Case
-from .harness import run_case
+from .harness import child_main
 
 
 def main() -> int:
-    spec = json.load(sys.stdin)
-    rows = run_case(Case(**spec["case"]), spec["device"], spec["select"], spec["min_time"],
-                    spec["max_reps"], spec["prefix"])
-    with open(spec["out"], "w") as f:
-        json.dump(rows, f)
+    child_main(json.load(sys.stdin))
     return 0
 
 

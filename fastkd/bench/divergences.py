@@ -13,14 +13,21 @@ a fused kernel is not to have them.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .case import (BASELINES, DTYPES, BenchCase, Impl, fastkd_backends, implementations_for,
+                   itemsize)
+
+TITLE = "kd_loss, batchmean, T=2, no labels"
+
+__all__ = ["BASELINES", "DIVERGENCES", "DTYPES", "EAGER", "Case", "Impl", "cases",
+           "fastkd_backends", "implementations", "make_inputs", "preset_cases"]
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The settings every case uses; typical of LLM distillation (T > 1 so the scaling is exercised).
 TEMPERATURE = 2.0
@@ -29,7 +36,7 @@ SKEW = 0.1
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(BenchCase):
     """One problem: ``kd_loss`` on [n, v] logits, the student requiring grad, the teacher not."""
 
     divergence: str
@@ -39,24 +46,30 @@ class Case:
     temperature: float = TEMPERATURE
     beta: float = BETA
     skew: float = SKEW
-    family: str = "kd"
+
+    family = "kd"
+    loss = "kd_loss"
+    BYTES_FORMULA = "3*N*V*itemsize: read student + read teacher + write student grad"
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def name(self) -> str:
+        return self.divergence
+
+    @property
+    def shape(self) -> str:
+        return f"{self.n}x{self.v}"
 
     @property
     def bytes(self) -> int:
         """Read student + read teacher + write student gradient."""
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
-        return 3 * self.n * self.v * itemsize
+        return 3 * self.n * self.v * itemsize(self.dtype)
 
-    @property
-    def label(self) -> str:
-        return f"{self.divergence} {self.dtype} {self.n}x{self.v}"
+    def make_inputs(self, device, seed: int = 0):
+        s, t = make_inputs(self, device, seed)
+        return (s, t), (s,)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def implementations(self, device, selected: Optional[List[str]] = None) -> List[Impl]:
+        return implementations(self, device, selected)
 
 
 def make_inputs(case: Case, device, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -130,38 +143,6 @@ EAGER: Dict[str, Callable] = {
 
 
 # ----------------------------------------------------------------------------- implementations
-@dataclass
-class Impl:
-    """A named way to compute one case: ``fn(student, teacher) -> scalar loss``."""
-
-    name: str          # what --backend filters on: cpp, torch, triton, cuda, eager, compile, liger
-    kind: str          # "fastkd" or "baseline"
-    fn: Callable
-    warmup: int = 1    # untimed calls before timing (torch.compile compiles on the first)
-
-    @property
-    def display(self) -> str:
-        return f"fastkd[{self.name}]" if self.kind == "fastkd" else _DISPLAY.get(self.name, self.name)
-
-
-_DISPLAY = {"compile": "torch.compile", "eager": "eager"}
-BASELINES = ("eager", "compile", "liger")
-
-
-def fastkd_backends(device) -> List[str]:
-    """fastkd backends that run natively on ``device`` (never the Triton interpreter on CPU)."""
-    import fastkd
-
-    dev = torch.device(device)
-    avail = fastkd.available_backends(dev)
-    names = [b for b, why in avail.items() if why is None]
-    if dev.type != "cuda":
-        names = [b for b in names if b != "triton"]
-    # fastest first, as the automatic choice orders them
-    order = {"cuda": 0, "triton": 1, "cpp": 2, "torch": 3}
-    return sorted(names, key=lambda b: order.get(b, 9))
-
-
 def _liger(case: Case) -> Optional[Callable]:
     """Liger-Kernel's matching loss on log-probabilities, when it is installed (CUDA only)."""
     try:
@@ -194,29 +175,43 @@ def implementations(case: Case, device, selected: Optional[List[str]] = None) ->
     """
     import fastkd
 
-    dev = torch.device(device)
     T, beta, skew = case.temperature, case.beta, case.skew
-    out: List[Impl] = []
-    for b in fastkd_backends(dev):
-        fn = functools.partial(fastkd.kd_loss, divergence=case.divergence, temperature=T,
-                               beta=beta, skew=skew, backend=b)
-        out.append(Impl(b, "fastkd", fn))
     eager = EAGER[case.divergence]
 
     def eager_fn(s, t):
         return eager(s, t, T, beta, skew)
 
-    out.append(Impl("eager", "baseline", eager_fn))
-    out.append(Impl("compile", "baseline", torch.compile(eager_fn, dynamic=False), warmup=2))
-    if dev.type == "cuda":
-        lig = _liger(case)
-        if lig is not None:
-            out.append(Impl("liger", "baseline", lig))
-    if selected:
-        out = [i for i in out if i.name in selected]
-    return out
+    def ours(backend):
+        return functools.partial(fastkd.kd_loss, divergence=case.divergence, temperature=T,
+                                 beta=beta, skew=skew, backend=backend)
+
+    liger = _liger(case) if torch.device(device).type == "cuda" else None
+    return implementations_for(device, "kd", ours, eager_fn, liger, selected)
 
 
 def cases(divergences, dtypes, shapes) -> List[Case]:
     """The cross product, shapes outermost then dtype then divergence (the table's order)."""
     return [Case(d, dt, n, v) for (n, v) in shapes for dt in dtypes for d in divergences]
+
+
+# preset -> device type -> (shapes, dtypes, divergences)
+_CPU_DIVS = ("forward_kl", "jsd", "reverse_kl")
+PRESETS = {
+    "tiny": {"cpu": ([(8, 128)], ["float32"], DIVERGENCES),
+             "cuda": ([(64, 1024)], ["float32"], DIVERGENCES)},
+    "quick": {"cpu": ([(256, 4096)], ["float32"], ("forward_kl",)),  # compile time: ~1 min budget
+              "cuda": ([(2048, 32000)], ["bfloat16"], DIVERGENCES)},
+    # the CPU target: 3-6 minutes on 2 cores (eager jsd takes ~6 s a call)
+    "default": {"cpu": ([(4096, 32000)], ["float32", "bfloat16"], _CPU_DIVS),
+                "cuda": ([(4096, 32000)], ["float32", "bfloat16"], DIVERGENCES)},
+    "full": {"cpu": ([(8192, 128256)], ["bfloat16"], DIVERGENCES),  # Llama-3's vocabulary
+             "cuda": ([(8192, 128256)], ["bfloat16"], DIVERGENCES)},
+}
+
+
+def preset_cases(preset: str, device_type: str, dtypes: Optional[Sequence[str]] = None,
+                 divergences: Optional[Sequence[str]] = None,
+                 shapes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Case]:
+    """The preset's cases; ``dtypes`` / ``divergences`` / ``shapes`` replace the preset's."""
+    p_shapes, p_dtypes, p_divs = PRESETS[preset]["cuda" if device_type == "cuda" else "cpu"]
+    return cases(divergences or p_divs, dtypes or p_dtypes, shapes or p_shapes)

@@ -16,6 +16,10 @@ process. CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated be
 
 Every implementation's loss and gradient norm are compared with eager's, so a fast wrong answer
 shows as ``MISMATCH`` rather than as a speed-up.
+
+The harness knows cases only through the protocol of ``case.BenchCase`` (inputs, implementations,
+byte and FLOP counts); the families (``divergences``, ``sparse``, ...) define them. The same
+timed step serves ``python -m fastkd.bench`` and the pytest-benchmark suites in benchmarks/.
 """
 from __future__ import annotations
 
@@ -30,14 +34,15 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import timeit
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .divergences import TEMPERATURE, Case, Impl, implementations, make_inputs
+from .case import BenchCase, Impl
+from .families import FAMILIES, case_from_dict
+from .progress import Progress, describe_row
 
 # ----------------------------------------------------------------------------- CPU memory
 _libc = None
@@ -153,139 +158,202 @@ def _time_cuda(step, min_time: float):
     return [m / 1000.0 for m in ms], 1
 
 
-def measure(impl: Impl, case: Case, device, min_time: float = 1.0, max_reps: int = 50,
-            inputs=None) -> dict:
-    """Time and peak memory of ``impl`` on ``case``: forward + backward into the student."""
+def make_step(impl: Impl, args, leaves, device) -> Callable[[], torch.Tensor]:
+    """One timed call: clear the student's gradients, forward, backward (and sync on CUDA)."""
     dev = torch.device(device)
-    sets = inputs if inputs is not None else [make_inputs(case, dev)]
-    s0, t0 = sets[0]
-    cursor = [0]
 
-    def step_on(s, t):
-        s.grad = None
-        loss = impl.fn(s, t)
+    def step():
+        for x in leaves:
+            x.grad = None
+        loss = impl.fn(*args)
         loss.backward()
         return loss
 
-    def step():
-        return step_on(s0, t0)
+    if dev.type != "cuda":
+        return step
+
+    def step_sync():
+        loss = step()
+        torch.cuda.synchronize(dev)
+        return loss
+
+    return step_sync
+
+
+def _grad_norm(leaves) -> float:
+    total = sum(float(torch.linalg.vector_norm(x.grad, dtype=torch.float32)) ** 2
+                for x in leaves if x.grad is not None)
+    return math.sqrt(total)
+
+
+def measure(impl: Impl, case: BenchCase, device, min_time: float = 1.0, max_reps: int = 50,
+            inputs=None) -> dict:
+    """Time and peak memory of ``impl`` on ``case``: forward + backward into the student."""
+    dev = torch.device(device)
+    sets = inputs if inputs is not None else [case.make_inputs(dev)]
+    args0, leaves0 = sets[0]
+    step = make_step(impl, args0, leaves0, dev)
+    rotating = [make_step(impl, a, lv, dev) for a, lv in sets]
+    cursor = [0]
 
     def step_rotating():  # CUDA: a different input set each call, so nothing stays in L2
-        cursor[0] = (cursor[0] + 1) % len(sets)
-        s, t = sets[cursor[0]]
-        step_on(s, t)
+        cursor[0] = (cursor[0] + 1) % len(rotating)
+        rotating[cursor[0]]()
 
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    def clear():
+        for _, leaves in sets:
+            for x in leaves:
+                x.grad = None
+
     # warm-up; the first call also gives the value checked against eager
     t_start = time.perf_counter()
     loss = step()
-    sync()
     first_call_s = time.perf_counter() - t_start
     loss_value = float(loss.detach().float())
-    grad_norm = float(torch.linalg.vector_norm(s0.grad, dtype=torch.float32))
+    grad_norm = _grad_norm(leaves0)
     del loss
     for _ in range(impl.warmup - 1):
         step()
-    sync()
-    s0.grad = None
+    clear()
 
     # peak memory of one call (on CPU the same call is the first timing sample)
     mem = CpuMemory() if dev.type == "cpu" else CudaMemory(dev)
     mem.start()
     t_start = time.perf_counter()
     step()
-    sync()
     one_call_s = time.perf_counter() - t_start
     peak = mem.stop()
-    s0.grad = None
+    clear()
 
     if dev.type == "cuda":
         times, number = _time_cuda(step_rotating, min_time)
-        for s, _ in sets:
-            s.grad = None
     else:
         times, number = _time_cpu(step, one_call_s, min_time, max_reps)
-        s0.grad = None
+    clear()
     median = statistics.median(times)
     return {
         "impl": impl.name, "display": impl.display, "kind": impl.kind,
         "median_s": median, "times_s": times, "number": number, "reps": len(times),
-        "first_call_s": first_call_s, "bytes": case.bytes, "gb_per_s": case.bytes / median / 1e9,
-        "peak_bytes": peak, "loss": loss_value, "grad_norm": grad_norm, "error": None,
+        "first_call_s": first_call_s,
+        "gb_per_s": case.bytes / median / 1e9 if case.bytes else None,
+        "tflop_per_s": case.flops / median / 1e12 if case.flops else None,
+        "peak_bytes": peak, "loss_value": loss_value, "grad_norm": grad_norm, "error": None,
     }
 
 
-def rotation_sets(case: Case, device) -> list:
+def _nbytes(args) -> int:
+    return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+
+
+def rotation_sets(case: BenchCase, device) -> list:
     """Enough input copies to exceed L2 twice (CUDA), capped at 16; one set on CPU."""
     dev = torch.device(device)
-    k = 1
+    sets = [case.make_inputs(dev, seed=0)]
     if dev.type == "cuda":
-        per_set = 2 * case.n * case.v * torch.empty((), dtype=case.torch_dtype).element_size()
+        per_set = max(_nbytes(sets[0][0]), 1)
         k = min(16, max(1, math.ceil(2 * _l2_bytes(dev) / per_set)))
-    return [make_inputs(case, dev, seed=i) for i in range(k)]
+        sets += [case.make_inputs(dev, seed=i) for i in range(1, k)]
+    return sets
+
+
+def case_row(case: BenchCase) -> dict:
+    """What every result row of ``case`` carries besides its measurements."""
+    size_name, size = case.size
+    return {**case.to_dict(), "label": case.label, "series": case.series, "bytes": case.bytes,
+            "flops": case.flops, "size_name": size_name, "size": size}
 
 
 # ----------------------------------------------------------------------------- one case
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def run_case(case: BenchCase, device, select=None, min_time: float = 1.0, max_reps: int = 50,
+             on_event: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """Every selected implementation of ``case``, measured in this process, one after another.
 
-
-def run_case(case: Case, device, select=None, min_time: float = 1.0, max_reps: int = 50,
-             prefix: str = "", progress: bool = True) -> List[dict]:
-    """Every selected implementation of ``case``, measured in this process, one after another."""
+    ``on_event`` gets ``{"event": "start", "label", "impl"}`` before and ``{"event": "row",
+    "row"}`` after each implementation (progress, and the child process's reports).
+    """
     dev = torch.device(device)
     torch._dynamo.reset()  # a fresh torch.compile cache per case
-    impls = implementations(case, dev, select)
+    impls = case.implementations(dev, select)
     sets = rotation_sets(case, dev) if impls else []
+    base = case_row(case)
     out = []
     for impl in impls:
+        if on_event:
+            on_event({"event": "start", "label": case.label, "impl": impl.display})
         try:
             r = measure(impl, case, dev, min_time, max_reps, inputs=sets)
-            if progress:
-                peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.0f} MiB"
-                _progress(f"{prefix}{case.label:<32} {impl.display:<15} {r['median_s'] * 1e3:10.2f} ms"
-                          f"  x{r['reps']:<3} peak {peak}")
         except Exception as e:  # an implementation that fails is reported, not fatal
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             r = {"impl": impl.name, "display": impl.display, "kind": impl.kind,
                  "error": f"{type(e).__name__}: {msg}"}
-            if progress:
-                _progress(f"{prefix}{case.label:<32} {impl.display:<15} ERROR {r['error']}")
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        for s, _ in sets:
-            s.grad = None
-        if dev.type == "cpu":  # the next implementation's memory must not include fastkd's cache
-            import fastkd
-
-            fastkd.empty_cache()
-        out.append({**case.to_dict(), **r})
+        for _, leaves in sets:
+            for x in leaves:
+                x.grad = None
+        _release_cpu_cache(dev)
+        row = {**base, **r}
+        out.append(row)
+        if on_event:
+            on_event({"event": "row", "row": row})
     del sets
     gc.collect()
     return out
 
 
-def _run_case_child(case: Case, device, select, min_time, max_reps, prefix) -> List[dict]:
+def _release_cpu_cache(dev) -> None:
+    """Free fastkd's idle CPU buffers: the next implementation's memory must not include them."""
+    if dev.type == "cpu":
+        import fastkd
+
+        fastkd.empty_cache()
+
+
+_EVENT = "@fastkd.bench.event "  # prefix of the child's report lines on its stdout
+
+
+def child_main(spec: dict) -> None:
+    """The child process's side: run one case, report each event as a line on stdout."""
+    def report(event):
+        print(_EVENT + json.dumps(event, default=str), flush=True)
+
+    run_case(case_from_dict(spec["case"]), spec["device"], spec["select"], spec["min_time"],
+             spec["max_reps"], on_event=report)
+
+
+def _run_case_child(case: BenchCase, device, select, min_time, max_reps,
+                    on_event: Optional[Callable[[dict], None]] = None) -> List[dict]:
     """``run_case`` in a fresh Python process, so that its peak memory is its own."""
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    fd, out_path = tempfile.mkstemp(prefix="fastkd-bench-", suffix=".json")
-    os.close(fd)
     spec = {"case": case.to_dict(), "device": str(device), "select": select, "min_time": min_time,
-            "max_reps": max_reps, "prefix": prefix, "out": out_path}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "fastkd.bench._worker"], input=json.dumps(spec),
-                              text=True, env=env, stdout=subprocess.DEVNULL)
-        if proc.returncode == 0:
-            with open(out_path) as f:
-                return json.load(f)
-        why = f"worker process exited with code {proc.returncode}"
-    finally:
-        os.unlink(out_path)
-    _progress(f"{prefix}{case.label}: {why}")
-    names = select or [i.name for i in implementations(case, device)]
-    return [{**case.to_dict(), "impl": n, "display": n, "kind": "?", "error": why} for n in names]
+            "max_reps": max_reps}
+    rows: List[dict] = []
+    proc = subprocess.Popen([sys.executable, "-m", "fastkd.bench._worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    proc.stdin.write(json.dumps(spec))
+    proc.stdin.close()
+    for line in proc.stdout:
+        if not line.startswith(_EVENT):
+            sys.stderr.write(line)  # whatever else the child printed
+            continue
+        event = json.loads(line[len(_EVENT):])
+        if event["event"] == "row":
+            rows.append(event["row"])
+        if on_event:
+            on_event(event)
+    code = proc.wait()
+    done = {r["impl"] for r in rows}
+    names = [i.name for i in case.implementations(device, select)]
+    why = f"worker process exited with code {code} (out of memory?)"
+    for name in names:  # what the child did not report: it died first
+        if name not in done:
+            row = {**case_row(case), "impl": name, "display": name, "kind": "?", "error": why}
+            rows.append(row)
+            if on_event:
+                on_event({"event": "row", "row": row})
+    return rows
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -377,21 +445,23 @@ def metadata(device) -> dict:
 
 
 # ----------------------------------------------------------------------------- run
+MEMORY_CUDA = "max_memory_allocated - allocated before the call"
+MEMORY_CPU = ("peak RSS (VmHWM) - RSS before the call, after gc + malloc_trim, "
+              "+ fastkd's idle cached buffers")
+
+
 def _tolerance(dtype: str) -> float:
     return 1e-3 if dtype == "float32" else 2e-2
 
 
 def _derive(results: List[dict]) -> None:
     """Speed-ups and memory ratios against eager and torch.compile of the same case, and checks."""
-    def key(r):
-        return (r["family"], r["divergence"], r["dtype"], r["n"], r["v"])
-
     ref = {}
     for r in results:
         if r.get("error") is None and r["impl"] in ("eager", "compile"):
-            ref[(key(r), r["impl"])] = r
+            ref[(r["label"], r["impl"])] = r
     for r in results:
-        eager, comp = ref.get((key(r), "eager")), ref.get((key(r), "compile"))
+        eager, comp = ref.get((r["label"], "eager")), ref.get((r["label"], "compile"))
         ok = r.get("error") is None
         r["speedup_vs_eager"] = eager["median_s"] / r["median_s"] if ok and eager else None
         r["speedup_vs_compile"] = comp["median_s"] / r["median_s"] if ok and comp else None
@@ -406,20 +476,43 @@ def _derive(results: List[dict]) -> None:
             r["check"] = "-"
         else:
             tol = _tolerance(r["dtype"])
-            dl = abs(r["loss"] - eager["loss"]) / max(abs(eager["loss"]), 1e-6)
+            dl = abs(r["loss_value"] - eager["loss_value"]) / max(abs(eager["loss_value"]), 1e-6)
             dg = abs(r["grad_norm"] - eager["grad_norm"]) / max(abs(eager["grad_norm"]), 1e-12)
             r["loss_rel_diff"], r["grad_norm_rel_diff"] = dl, dg
             r["check"] = "ok" if (dl <= tol and dg <= tol) else "MISMATCH"
 
 
-def run(cases: List[Case], device=None, select: Optional[List[str]] = None,
+def _counts(cases: List[BenchCase]) -> Dict[str, dict]:
+    """Per family, what its GB/s and TFLOP/s count (the case types' formulas), for the report."""
+    out: Dict[str, dict] = {}
+    for c in cases:
+        fam = out.setdefault(c.family, {"title": FAMILIES[c.family][0].TITLE, "bytes": {},
+                                         "flops": {}})
+        if c.bytes is not None and c.BYTES_FORMULA:
+            fam["bytes"][c.loss] = c.BYTES_FORMULA
+        if c.flops is not None and c.FLOPS_FORMULA:
+            fam["flops"][c.loss] = c.FLOPS_FORMULA
+    return out
+
+
+def _impl_names(case: BenchCase, dev, select, skip_reference: bool) -> List[str]:
+    impls = case.implementations(dev, select)
+    names = [i.name for i in impls]
+    if skip_reference and any(i.kind == "fastkd" and i.name != "torch" for i in impls):
+        names = [n for n in names if n != "torch"]
+    return names
+
+
+def run(cases: List[BenchCase], device=None, select: Optional[List[str]] = None,
         min_time: float = 1.0, max_reps: int = 50, isolate: str = "none",
         progress: bool = True, roofline_bytes: Optional[int] = 256 * 2**20,
-        settings: Optional[dict] = None) -> dict:
+        settings: Optional[dict] = None, skip_reference: bool = False) -> dict:
     """Measure every case; returns the report (``meta``, ``settings``, ``results``).
 
     isolate: ``"none"`` runs everything here; ``"case"`` runs each case in a fresh child process,
     ``"impl"`` each (case, implementation). Only CPU memory needs it; CUDA always runs here.
+    progress: a bar (or counter lines) on stderr, see ``progress.Progress``.
+    skip_reference: leave out fastkd's ``torch`` backend in cases where a native one runs.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isolate not in ("none", "case", "impl"):
@@ -429,30 +522,39 @@ def run(cases: List[Case], device=None, select: Optional[List[str]] = None,
     meta = metadata(dev)
     if roofline_bytes:
         meta["copy_gb_per_s"] = copy_bandwidth(dev, roofline_bytes) / 1e9
+    todo = [(case, _impl_names(case, dev, select, skip_reference)) for case in cases]
+    bar = Progress(sum(len(names) for _, names in todo), enabled=progress)
+
+    def on_event(event):
+        if event["event"] == "start":
+            bar.start(f"{event['label']} {event['impl']}")
+        else:
+            bar.finish(describe_row(event["row"]))
+
     results: List[dict] = []
     started = time.perf_counter()
-    for i, case in enumerate(cases):
-        prefix = f"[{i + 1}/{len(cases)}] "
-        if isolate == "none":
-            results += run_case(case, dev, select, min_time, max_reps, prefix, progress)
-        elif isolate == "case":
-            results += _run_case_child(case, dev, select, min_time, max_reps, prefix)
-        else:
-            for name in select or [im.name for im in implementations(case, dev)]:
-                results += _run_case_child(case, dev, [name], min_time, max_reps, prefix)
+    try:
+        for case, names in todo:
+            if not names:
+                continue
+            if isolate == "none":
+                results += run_case(case, dev, names, min_time, max_reps, on_event)
+            elif isolate == "case":
+                results += _run_case_child(case, dev, names, min_time, max_reps, on_event)
+            else:
+                for name in names:
+                    results += _run_case_child(case, dev, [name], min_time, max_reps, on_event)
+    finally:
+        bar.close()
     _derive(results)
     meta["wall_s"] = time.perf_counter() - started
     meta["loadavg_end"] = _loadavg()
-    return {"schema": "fastkd.bench/1", "meta": meta,
+    return {"schema": "fastkd.bench/2", "meta": meta,
             "settings": {**(settings or {}), "isolate": isolate, "min_time_s": min_time,
-                         "max_reps": max_reps,
-                         "bytes": "3*N*V*itemsize: read student + read teacher + write student grad",
+                         "max_reps": max_reps, "counts": _counts([c for c, _ in todo]),
                          "timing": "do_bench median, L2 cleared" if dev.type == "cuda"
                          else "median of timeit blocks",
-                         "memory": "max_memory_allocated - allocated before the call"
-                         if dev.type == "cuda" else
-                         "peak RSS (VmHWM) - RSS before the call, after gc + malloc_trim, "
-                         "+ fastkd's idle cached buffers"},
+                         "memory": MEMORY_CUDA if dev.type == "cuda" else MEMORY_CPU},
             "results": results}
 
 
@@ -461,76 +563,91 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
     return missing if x is None else format(x, spec)
 
 
+def _table(rows: List[dict], copy: Optional[float]) -> List[str]:
+    """One family's rows as aligned lines; rate columns only where some case defines them."""
+    has_bytes = any(r.get("bytes") for r in rows)
+    has_flops = any(r.get("flops") for r in rows)
+    cols = ["case", "dtype", "shape", "impl", "median ms", "runs", "x eager", "x compile"]
+    cols += ["GB/s", "%copy"] if has_bytes else []
+    cols += ["TFLOP/s"] if has_flops else []
+    cols += ["peak MiB", "mem/eager", "check"]
+    cells = []
+    for r in rows:
+        head = [r["case"], r["dtype"], r["shape"], r["display"]]
+        if r.get("error"):
+            cells.append(head + ["error"] + [""] * (len(cols) - 6) + [r["error"][:60]])
+            continue
+        row = head + [f"{r['median_s'] * 1e3:.2f}",
+                      f"{r['reps']}" if r["number"] == 1 else f"{r['reps']}x{r['number']}",
+                      _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f")]
+        if has_bytes:
+            gbs = r.get("gb_per_s")
+            row += [_fmt(gbs, ".2f"), _fmt(gbs / copy * 100 if gbs and copy else None, ".0f")]
+        if has_flops:
+            row += [_fmt(r.get("tflop_per_s"), ".3g")]
+        row += [_fmt(None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20, ",.0f", "n/a"),
+                _fmt(r["mem_ratio_vs_eager"], ".2f"), r["check"]]
+        cells.append(row)
+    right = set(range(4, len(cols) - 1))
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+
+    def line(items):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(items, widths))).rstrip()
+
+    body = [line(cols)]
+    prev = None
+    for r, row in zip(rows, cells):
+        if prev is not None and r["label"] != prev:
+            body.append("")
+        body.append(line(row))
+        prev = r["label"]
+    return body
+
+
 def format_table(report: dict) -> str:
-    """The plain aligned table, preceded by the device and settings it was measured with."""
+    """The device and settings, then one table per family, then a line per case."""
     m = report["meta"]
+    s = report["settings"]
     head = [
-        f"fastkd.bench: kd_loss forward+backward (student grad), batchmean, T={TEMPERATURE:g}",
+        f"fastkd.bench: forward+backward (student gradients), preset {s.get('preset', '-')}",
         f"device: {m['device_type']} ({m['device_name']}), {m['torch_threads']} threads; "
         f"torch {m['torch']}, triton {m['triton']}, python {m['python']}; {m['date']}"
         + (f"; commit {m['git_commit'][:12]}" if m.get("git_commit") else ""),
-        f"GB/s counts {report['settings']['bytes']}"
-        + (f"; copy roofline {m['copy_gb_per_s']:.1f} GB/s" if m.get("copy_gb_per_s") else ""),
-        f"peak = {report['settings']['memory']}",
+        f"time = {s['timing']}; peak = {s['memory']}"
+        + (f"; copy roofline {m['copy_gb_per_s']:.1f} GB/s (%copy)" if m.get("copy_gb_per_s")
+           else ""),
     ]
     load = m.get("loadavg_start")
     if load and m.get("cpu_count") and load[0] > 0.5 * m["cpu_count"]:
         head.append(f"note: load average {load[0]} at the start on {m['cpu_count']} CPUs: other "
                     f"processes were running, so times are noisy")
-    if report["settings"].get("note"):
-        head.append("note: " + report["settings"]["note"])
-    head.append("")
-    cols = ["divergence", "dtype", "shape", "impl", "median ms", "runs", "x eager", "x compile", "GB/s",
-            "%copy", "peak MiB", "mem/eager", "check"]
-    rows = []
-    copy = m.get("copy_gb_per_s")
-    for r in report["results"]:
-        shape = f"{r['n']}x{r['v']}"
-        if r.get("error"):
-            rows.append([r["divergence"], r["dtype"], shape, r["display"], "error", "", "", "", "",
-                         "", "", "", r["error"][:60]])
+    if s.get("note"):
+        head.append("note: " + s["note"])
+    out = head
+    counts = s.get("counts", {})
+    for family in FAMILIES:
+        rows = [r for r in report["results"] if r["family"] == family]
+        if not rows:
             continue
-        rows.append([
-            r["divergence"], r["dtype"], shape, r["display"],
-            f"{r['median_s'] * 1e3:.2f}",
-            f"{r['reps']}" if r["number"] == 1 else f"{r['reps']}x{r['number']}",
-            _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
-            f"{r['gb_per_s']:.2f}",
-            _fmt(r["gb_per_s"] / copy * 100 if copy else None, ".0f"),
-            _fmt(None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20, ",.0f", "n/a"),
-            _fmt(r["mem_ratio_vs_eager"], ".2f"),
-            r["check"],
-        ])
-    right = set(range(4, 12))
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
-              for i, c in enumerate(cols)]
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    body = [line(cols)]
-    prev = None
-    for r, row in zip(report["results"], rows):
-        group = (r["divergence"], r["dtype"], r["n"], r["v"])
-        if prev is not None and group != prev:
-            body.append("")
-        body.append(line(row))
-        prev = group
-    return "\n".join(head + body + [""] + summary(report)) + "\n"
+        c = counts.get(family, {})
+        out += ["", f"== {family}: {c.get('title', family)}"]
+        out += [f"   GB/s counts {loss}: {text}" for loss, text in c.get("bytes", {}).items()]
+        out += [f"   TFLOP/s counts {loss}: {text}" for loss, text in c.get("flops", {}).items()]
+        out += _table(rows, m.get("copy_gb_per_s"))
+    return "\n".join(out + [""] + summary(report)) + "\n"
 
 
 def summary(report: dict) -> List[str]:
     """One line per case: the fastest fastkd backend against eager and torch.compile."""
-    best: Dict[tuple, dict] = {}
+    best: Dict[str, dict] = {}
     for r in report["results"]:
         if r["kind"] != "fastkd" or r.get("error"):
             continue
-        k = (r["divergence"], r["dtype"], r["n"], r["v"])
-        if k not in best or r["median_s"] < best[k]["median_s"]:
-            best[k] = r
+        if r["label"] not in best or r["median_s"] < best[r["label"]]["median_s"]:
+            best[r["label"]] = r
     lines = []
-    for (div, dt, n, v), r in best.items():
+    for label, r in best.items():
         parts = []
         if r["speedup_vs_eager"] is not None:
             parts.append(f"{r['speedup_vs_eager']:.2f}x the speed of eager")
@@ -539,7 +656,7 @@ def summary(report: dict) -> List[str]:
         if r["mem_ratio_vs_eager"] is not None:
             parts.append(f"{r['mem_ratio_vs_eager']:.2f}x eager's peak memory")
         if parts:
-            lines.append(f"{div} {dt} {n}x{v}: {r['display']} runs at " + ", ".join(parts))
+            lines.append(f"{label}: {r['display']} runs at " + ", ".join(parts))
     return lines
 
 
