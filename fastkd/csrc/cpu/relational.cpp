@@ -6,9 +6,9 @@
 // part that is compute-bound) and every elementwise step (distances, smooth-L1,
 // normalizations, reductions, gradient weights) is fused into one vectorized pass over the
 // tile while it is in cache. Extra memory: the centred working-precision copies of the
-// embeddings (N D each; none for similarity when the input is already float32), two strips
-// of kRows rows (distance, similarity) or <= kAngleBlock rows per thread (angle), tiles of
-// kRows x kCols per thread, and O(N) vectors; the gradient is accumulated in grad_student
+// embeddings (N D each; none for similarity when the input is already float32), kSlots
+// strips of kRows rows (distance, similarity) or <= kAngleBlock rows per thread (angle), tiles
+// of kRows x kCols per thread, and O(N) vectors; the gradient is accumulated in grad_student
 // itself when it has the working dtype (a temporary otherwise).
 //
 // * distance and similarity-preserving use the symmetry of their matrices: tile-row
@@ -17,13 +17,14 @@
 //   the tile that owns columns J, grad_M += W X_{j>=m0} from the tile-row's strip), so every
 //   Gram entry is computed once per sweep.
 // * Threads take tiles from a shared counter, each with its own single-threaded GEMM (no
-//   barrier inside a BLAS call, so load from other processes slows one thread, not all);
-//   sweeps whose output is a few scalars have no barrier at all, gradient sweeps one per
-//   tile-row (the strip's row contribution runs alongside the next tile-row's tiles).
-// * distance: sweep 0 finds the means, sweep 1 the loss and c = sum g_ij y_ij / (N (N-1)),
-//   and sweep 2 (gradient only) the weights 2 (g_ij - c) / (mu d_ij). Same FLOPs as
-//   accumulating sum g/d (x_i - x_j) and sum 1/d (x_i - x_j) in two sweeps and combining them
-//   with c at the end, one N x D accumulator fewer.
+//   barrier inside a BLAS call). Sweeps whose output is a few scalars have no barrier at all;
+//   gradient and row-sum sweeps keep their order with per-row-block counters instead of a
+//   barrier per tile-row (class Ordered), so load from other processes slows one thread, not
+//   every thread at every tile-row.
+// * distance: sweep 0 finds the means and the sums that give c = sum g_ij y_ij / (N (N-1))
+//   in closed form while every pair is in the quadratic part of the smooth L1; one more sweep
+//   then gives the loss and the gradient with the weights 2 (g_ij - c) / (mu d_ij). A pair in
+//   the linear part adds an exact correction sweep (student only); L1 finds c in its own sweep.
 // * similarity-preserving: sweep 0 the row norms |G_i|^2, |Gt_i|^2, G_i . Gt_i, sweep 1 the
 //   loss and the gradient (Z + Z^T) X with weights (v_i + v_j) G_ij - (w_i + w_j) Gt_ij.
 // * angle: a block of anchor rows M per task; for each block K the three sweeps over the
@@ -45,10 +46,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -59,6 +62,7 @@ constexpr int64_t kRows = 64;        // rows per tile-row (distance, similarity)
 constexpr int64_t kCols = 128;       // columns per tile: one task, two Gram GEMMs of kRows x kCols x D
 constexpr int64_t kDcols = 128;      // embedding columns per task of a strip's row contribution
 constexpr int64_t kSegments = 64;    // runs of tiles in a scalar-only sweep (one partial sum each)
+static_assert(kCols % kRows == 0, "tiles start on row-block boundaries");
 constexpr int64_t kAngleBlock = 64;  // anchor rows per angle task (fewer when threads would idle)
 constexpr double kRefine = 1.0 / 64; // relative threshold below which r_ij is recomputed exactly
 constexpr double kSpEps = 1e-12;     // F.normalize's eps (similarity-preserving)
@@ -227,15 +231,16 @@ void gram_tile(const at::Tensor& x, int64_t r0, int64_t rows, int64_t c0, int64_
   at::mm_out(o, x.narrow(0, r0, rows), x.narrow(0, c0, cols).t());
 }
 
-// Per-thread scratch of the tile sweeps: the two Gram tiles and two rows of squared distances.
+// Per-thread scratch of the tile sweeps: the two Gram tiles, two rows of squared distances,
+// column sums and the output of a strip's row-contribution task.
 template <typename T>
 struct TileScratch {
   std::unique_ptr<T[]> buf;
-  T *gs, *gt, *rs, *rt, *out;
+  T *gs, *gt, *rs, *rt, *cs, *out;
   TileScratch(int64_t R, int64_t D) {
     const int64_t tile = R * kCols, out_n = R * std::min(D, kDcols);
-    buf.reset(new T[2 * tile + 2 * kCols + out_n]);
-    gs = buf.get(), gt = gs + tile, rs = gt + tile, rt = rs + kCols, out = rt + kCols;
+    buf.reset(new T[2 * tile + 5 * kCols + out_n]);
+    gs = buf.get(), gt = gs + tile, rs = gt + tile, rt = rs + kCols, cs = rt + kCols, out = cs + 3 * kCols;
   }
 };
 
@@ -283,11 +288,93 @@ void strip_times_x(const T* strip, int64_t rows, int64_t p0, const at::Tensor& x
 }
 
 // ---------------------------------------------------------------------------------------------
-// RKD distance. Sweep 0: the means; sweep 1: the loss and c (both scalar-only, in kSegments
-// runs); sweep 2 (gradient only): the weights W_ij = 2 (g_ij - c) [r_ij >= eps] / (mu d_ij) of
-// the pairs j > i, one tile-row at a time: each tile applies W^T to its rows' embeddings
-// (columns' gradient, owned by the tile) and writes W into the strip, whose row contribution
-// W X runs with the next tile-row's tiles.
+// A gradient (or row-sum) sweep over the upper triangle in one parallel region, without a
+// barrier per tile-row. Tasks are claimed in this order: for b = 0, 1, ..., the tiles of
+// tile-row b, then the `nfin` finishing tasks of tile-row b - 1 (its strip's row
+// contribution). Order is kept by counters instead of barriers:
+// * block b (rows [b R, b R + R)) receives column parts from tile-rows 0, 1, ..., b in that
+//   order: tile-row I applies its part to a block once col[b] == I, then sets it to I + 1;
+// * tile-row I's finishing tasks wait for its tiles and for col[I] == I + 1 (all column parts
+//   of its own rows), so they are the last to touch those rows;
+// * strips (and per-tile partial sums) rotate through kSlots slots: tile-row I waits for
+//   tile-row I - kSlots's finishing tasks before writing its slot.
+// A task only ever waits for tasks claimed before it, so the sweep always progresses, and
+// every row's sums are added in one fixed order whichever thread runs which task.
+constexpr int64_t kSlots = 3;
+
+class Ordered {
+ public:
+  Ordered(const Upper& U, int64_t nfin)
+      : U_(U), nfin_(nfin), col_(new std::atomic<int64_t>[U.nrows]), tiles_(new std::atomic<int64_t>[U.nrows]),
+        fins_(new std::atomic<int64_t>[U.nrows]), offset_(U.nrows + 2) {
+    for (int64_t b = 0; b < U.nrows; ++b) col_[b] = 0, tiles_[b] = 0, fins_[b] = 0;
+    offset_[0] = 0;
+    for (int64_t b = 0; b <= U.nrows; ++b) offset_[b + 1] = offset_[b] + (b < U.nrows ? U.tiles(b) : 0) + (b > 0 ? nfin : 0);
+  }
+  // Runs tile(I, k, scratch) and fin(I, d, scratch) for every tile and finishing task.
+  template <typename Scratch, typename MakeScratch, typename Tile, typename Fin>
+  void run(const MakeScratch& make, const Tile& tile, const Fin& fin) {
+    run_tasks<Scratch>(offset_[U_.nrows + 1], make, [&](int64_t task, Scratch& sc) {
+      const int64_t b = std::upper_bound(offset_.begin(), offset_.end(), task) - offset_.begin() - 1;
+      const int64_t local = task - offset_[b], nt = b < U_.nrows ? U_.tiles(b) : 0;
+      try {
+        if (local < nt) {
+          tile(b, local, sc);
+          tiles_[b].fetch_add(1, std::memory_order_acq_rel);
+        } else {
+          const int64_t I = b - 1;
+          wait(tiles_[I], U_.tiles(I));
+          wait(col_[I], I + 1);
+          fin(I, local - nt, sc);
+          fins_[I].fetch_add(1, std::memory_order_acq_rel);
+        }
+      } catch (...) {
+        failed_.store(true);
+        throw;
+      }
+    });
+  }
+  // In a tile of tile-row I: before writing its slot (strip, partial sums).
+  void slot_free(int64_t I) {
+    if (I >= kSlots) wait(fins_[I - kSlots], nfin_);
+  }
+  // In a tile of tile-row I: runs apply() once the rows [c0, c0 + w) have every column part of
+  // tile-rows < I, and lets tile-row I + 1 in after it.
+  template <typename F>
+  void columns(int64_t I, int64_t c0, int64_t w, const F& apply) {
+    const int64_t b0 = c0 / U_.R, b1 = (c0 + w - 1) / U_.R;
+    for (int64_t b = b0; b <= b1; ++b) wait(col_[b], I);
+    apply();
+    for (int64_t b = b0; b <= b1; ++b) col_[b].store(I + 1, std::memory_order_release);
+  }
+
+ private:
+  void wait(const std::atomic<int64_t>& a, int64_t v) {
+    for (int spin = 0; a.load(std::memory_order_acquire) < v; ++spin) {
+      TORCH_CHECK(!failed_.load(std::memory_order_relaxed), "fastkd: a task of the same sweep failed");
+      if (spin >= 64) std::this_thread::yield();  // under load, let the thread we wait for run
+    }
+  }
+  const Upper& U_;
+  int64_t nfin_;
+  std::unique_ptr<std::atomic<int64_t>[]> col_, tiles_, fins_;
+  std::vector<int64_t> offset_;
+  std::atomic<bool> failed_{false};
+};
+
+// ---------------------------------------------------------------------------------------------
+// RKD distance, with a = 1/mu_s, b = 1/mu_t and the pairs j > i counted twice.
+// * Sweep 0 (scalar-only, in kSegments runs): sum d_s, sum d_t, and sum d_s^2, sum d_s d_t.
+// * While |y - z| < delta for every pair (the quadratic part of the smooth L1, which holds
+//   for most batches at the default delta = 1), c = sum g_ij y_ij / (N (N - 1)) is a
+//   closed form of those sums: c = 2 a (a S_ss - b S_st) / (delta N^2 N (N - 1)) over i < j,
+//   so one more sweep gives the loss and the gradient (2 Gram sweeps and one product).
+//   The gradient sweep also sums the clamped pairs' excess c_x = sum (g - g_quad) y / (N (N-1));
+//   when some pair clamps, a student-only sweep adds the missing -2 a c_x sum_j (x_i - x_j)
+//   [r_ij >= eps] / d_ij (one Gram and one product more; the result is exact either way).
+// * L1 (delta = 0) has no quadratic part: sweep 1 (scalar-only) finds the loss and c first.
+// Gradient sweeps (Ordered): each tile applies W^T to its rows' embeddings (the gradient of
+// its columns) and writes W into its tile-row's strip, whose row contribution W X follows.
 template <typename T>
 void rkd_distance_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                        const std::optional<at::Tensor>& grad, double eps, double delta) {
@@ -300,137 +387,180 @@ void rkd_distance_impl(const at::Tensor& student, const at::Tensor& teacher, con
   const Upper U(N);
   const Vec<T> veps(static_cast<T>(eps)), zero(0);
   const Huber<T> hub(delta);
-  const double pairs = static_cast<double>(N) * (N - 1);
-  const T invN2 = static_cast<T>(1.0 / (static_cast<double>(N) * N));
-  double inv_mu_s = 0, inv_mu_t = 0, c = 0;
+  const double pairs = static_cast<double>(N) * (N - 1), N2 = static_cast<double>(N) * N;
+  const T invN2 = static_cast<T>(1.0 / N2);
   auto scratch = [&] { return TileScratch<T>(U.R, D); };
 
-  // Squared distances of row ii of a tile (both sides) for the pairs j > i: rs/rt[cc] for the
-  // columns cc in [lo, width); returns lo.
-  auto tile_row = [&](TileScratch<T>& sc, int64_t I, int64_t k, int64_t ii) -> int64_t {
+  // Squared distances of row ii of a tile for the pairs j > i: rs (and rt with the teacher)
+  // [cc] for the columns cc in [lo, width); returns lo.
+  auto tile_row = [&](TileScratch<T>& sc, int64_t I, int64_t k, int64_t ii, bool teacher_too) -> int64_t {
     const int64_t i = U.m0(I) + ii, c0 = U.c0(I, k), w = U.width(I, k);
     const int64_t lo = std::min(w, std::max<int64_t>(0, i + 1 - c0));
     if (lo < w) {
       sq_dist_row(S, i, sc.gs + ii * w, c0, c0 + lo, c0 + w, sc.rs);
-      sq_dist_row(Tt, i, sc.gt + ii * w, c0, c0 + lo, c0 + w, sc.rt);
+      if (teacher_too) sq_dist_row(Tt, i, sc.gt + ii * w, c0, c0 + lo, c0 + w, sc.rt);
     }
     return lo;
   };
-  auto grams = [&](TileScratch<T>& sc, int64_t I, int64_t k) {
+  auto grams = [&](TileScratch<T>& sc, int64_t I, int64_t k, bool teacher_too) {
     gram_tile(S.x, U.m0(I), U.rows(I), U.c0(I, k), U.width(I, k), sc.gs);
-    gram_tile(Tt.x, U.m0(I), U.rows(I), U.c0(I, k), U.width(I, k), sc.gt);
+    if (teacher_too) gram_tile(Tt.x, U.m0(I), U.rows(I), U.c0(I, k), U.width(I, k), sc.gt);
   };
 
-  // sweeps 0 and 1: (a1, a2) summed over the pairs j > i of every tile, then doubled
+  // scalar-only sweeps: 0 (four sums) and 1 (the loss and sum g y, once a and b are known)
   const Segments seg(U);
-  for (int pass = 0; pass < 2; ++pass) {
-    std::vector<double> p1(seg.runs(), 0.0), p2(seg.runs(), 0.0);
+  double inv_mu_s = 0, inv_mu_t = 0;
+  auto scalar_sweep = [&](int pass) {
+    std::vector<std::array<double, 4>> part(seg.runs());
     const Vec<T> vims(static_cast<T>(inv_mu_s)), vimt(static_cast<T>(inv_mu_t));
     run_tasks<TileScratch<T>>(seg.runs(), scratch, [&](int64_t s, TileScratch<T>& sc) {
-      double t1 = 0, t2 = 0;
+      std::array<double, 4> t{0, 0, 0, 0};
       int64_t I = seg.begin[s].first, k = seg.begin[s].second;
       for (; std::make_pair(I, k) != seg.begin[s + 1]; Segments::next(U, I, k)) {
         const int64_t w = U.width(I, k);
-        grams(sc, I, k);
+        grams(sc, I, k, true);
         for (int64_t ii = 0; ii < U.rows(I); ++ii) {
-          const int64_t lo = tile_row(sc, I, k, ii);
-          Vec<T> a1(0), a2(0);
+          const int64_t lo = tile_row(sc, I, k, ii, true);
+          Vec<T> a1(0), a2(0), a3(0), a4(0);
           for (int64_t cc = lo; cc < w; cc += W) {
             const int64_t n = std::min<int64_t>(W, w - cc);
             const Vec<T> lanes = lanes_below<T>(n);
-            const Vec<T> d_s = at::vec::maximum(Vec<T>::loadu(sc.rs + cc, n), veps).sqrt();
-            const Vec<T> d_t = at::vec::maximum(Vec<T>::loadu(sc.rt + cc, n), veps).sqrt();
+            const Vec<T> r_s = at::vec::maximum(Vec<T>::loadu(sc.rs + cc, n), veps) & lanes;
+            const Vec<T> d_s = r_s.sqrt();
+            const Vec<T> d_t = at::vec::maximum(Vec<T>::loadu(sc.rt + cc, n), veps).sqrt() & lanes;
             if (pass == 0) {
-              a1 += d_s & lanes;
-              a2 += d_t & lanes;
+              a1 += d_s;
+              a2 += d_t;
+              a3 += r_s;
+              a4 = at::vec::fmadd(d_s, d_t, a4);
             } else {
               const Vec<T> y = d_s * vims, z = y - d_t * vimt;
               a1 += hub.h(z) & lanes;
               a2 += (hub.dh(z) * y) & lanes;
             }
           }
-          t1 += hsum(a1);
-          t2 += hsum(a2);
+          t[0] += hsum(a1), t[1] += hsum(a2), t[2] += hsum(a3), t[3] += hsum(a4);
         }
       }
-      p1[s] = 2.0 * t1;  // pairs (i, j) and (j, i)
-      p2[s] = 2.0 * t2;
+      part[s] = t;
     });
-    double s1 = 0, s2 = 0;
-    for (int64_t s = 0; s < seg.runs(); ++s) s1 += p1[s], s2 += p2[s];
-    if (pass == 0) {
-      inv_mu_s = pairs / s1;
-      inv_mu_t = pairs / s2;
-    } else {
-      loss.fill_(s1 / (static_cast<double>(N) * N));
-      c = s2 * invN2 / pairs;  // c = sum g y / (N (N - 1)), g = h' / N^2
-    }
+    std::array<double, 4> tot{0, 0, 0, 0};
+    for (const auto& p : part)
+      for (int q = 0; q < 4; ++q) tot[q] += p[q];
+    return tot;
+  };
+  const auto sums = scalar_sweep(0);
+  inv_mu_s = pairs / (2.0 * sums[0]);
+  inv_mu_t = pairs / (2.0 * sums[1]);
+  const bool quad = delta > 0;
+  double c = quad ? 2.0 * inv_mu_s * (inv_mu_s * sums[2] - inv_mu_t * sums[3]) / (delta * N2 * pairs) : 0.0;
+  if (!quad || !want) {
+    const auto l = scalar_sweep(1);
+    loss.fill_(2.0 * l[0] / N2);
+    c = 2.0 * l[1] / (N2 * pairs);
+    if (!want) return;
   }
-  if (!want) return;
 
-  // sweep 2: sum_j W_ij (x_i - x_j) = rs_i x_i - (W X)_i
+  // gradient sweeps: sum_j W_ij (x_i - x_j) = rs_i x_i - (W X)_i
   at::Tensor gacc = grad_accumulator(grad, acc, N, D);
   std::vector<T> rs(N, T(0));
-  std::vector<T> strips(2 * U.R * N);
-  const int64_t nd = (D + kDcols - 1) / kDcols;
+  std::vector<T> strips(kSlots * U.R * N);
+  const int64_t nd = (D + kDcols - 1) / kDcols, max_tiles = U.tiles(0);
+  std::vector<std::array<double, 3>> part(kSlots * max_tiles), row_tot(U.nrows);
   const Vec<T> vims(static_cast<T>(inv_mu_s)), vimt(static_cast<T>(inv_mu_t));
-  const Vec<T> vc(static_cast<T>(c)), coef(static_cast<T>(2.0 * inv_mu_s));
-  for (int64_t I = 0; I <= U.nrows; ++I) {
-    const int64_t ndef = I > 0 ? nd : 0, ntile = I < U.nrows ? U.tiles(I) : 0;
-    run_tasks<TileScratch<T>>(ndef + ntile, scratch, [&](int64_t task, TileScratch<T>& sc) {
-      if (task < ndef) {  // the previous tile-row's row contribution (and its row sums)
-        const int64_t P = I - 1, p0 = U.m0(P), pr = U.rows(P);
-        const T* strip = strips.data() + (P & 1) * U.R * N;
-        strip_times_x(strip, pr, p0, S.x, gacc, task, T(-1), sc.out);
-        if (task == 0)
-          for (int64_t r = 0; r < pr; ++r) {
+  const Vec<T> coef(static_cast<T>(2.0 * inv_mu_s)), vinvN2(invN2), vinvd(static_cast<T>(quad ? 1.0 / delta : 0.0));
+  // full: W = 2 a (g - c) [live] / d_s, also sums h(z), the excess (g - g_quad) y and the
+  // number of clamped pairs; else (correction): W = kappa [live] / d_s
+  auto grad_sweep = [&](bool full, T kappa) {
+    const Vec<T> vc(static_cast<T>(c)), vkappa(kappa);
+    Ordered ord(U, nd);
+    ord.run<TileScratch<T>>(
+        scratch,
+        [&](int64_t I, int64_t k, TileScratch<T>& sc) {
+          const int64_t m0 = U.m0(I), rows = U.rows(I), c0 = U.c0(I, k), w = U.width(I, k);
+          grams(sc, I, k, full);
+          T* wt = sc.gs;  // W overwrites the student Gram tile, row by row
+          std::array<double, 3> t{0, 0, 0};
+          for (int64_t ii = 0; ii < rows; ++ii) {
+            const int64_t lo = tile_row(sc, I, k, ii, full);
+            T* wr = wt + ii * w;
+            std::fill(wr, wr + lo, T(0));
+            Vec<T> a1(0), a2(0), a3(0);
+            for (int64_t cc = lo; cc < w; cc += W) {
+              const int64_t n = std::min<int64_t>(W, w - cc);
+              const Vec<T> r_s = Vec<T>::loadu(sc.rs + cc, n);
+              const Vec<T> d_s = at::vec::maximum(r_s, veps).sqrt();
+              const Vec<T> live = (r_s >= veps) & lanes_below<T>(n);
+              if (!full) {
+                Vec<T>::blendv(zero, vkappa / d_s, live).store(wr + cc, n);
+                continue;
+              }
+              const Vec<T> d_t = at::vec::maximum(Vec<T>::loadu(sc.rt + cc, n), veps).sqrt();
+              const Vec<T> y = d_s * vims, z = y - d_t * vimt;
+              const Vec<T> g = hub.dh(z) * vinvN2;
+              Vec<T>::blendv(zero, coef * (g - vc) / d_s, live).store(wr + cc, n);
+              if (quad) {
+                const Vec<T> lanes = lanes_below<T>(n);
+                const Vec<T> excess = g - z * vinvd * vinvN2;  // exactly 0 unless the pair clamps
+                a1 += hub.h(z) & lanes;
+                a2 += (excess * y) & lanes;
+                a3 += Vec<T>(1) & (excess != zero) & lanes;
+              }
+            }
+            if (full && quad) t[0] += hsum(a1), t[1] += hsum(a2), t[2] += hsum(a3);
+          }
+          for (int64_t cc = 0; cc < w; cc += W) {  // column sums, rows in order
+            const int64_t n = std::min<int64_t>(W, w - cc);
+            Vec<T> a(0);
+            for (int64_t ii = 0; ii < rows; ++ii) a += Vec<T>::loadu(wt + ii * w + cc, n);
+            a.store(sc.cs + cc, n);
+          }
+          ord.slot_free(I);
+          T* strip = strips.data() + (I % kSlots) * U.R * N + (c0 - m0);
+          for (int64_t ii = 0; ii < rows; ++ii) std::copy(wt + ii * w, wt + ii * w + w, strip + ii * N);
+          part[(I % kSlots) * max_tiles + k] = t;
+          const at::Tensor wv = at::from_blob(wt, {rows, w}, opt);
+          ord.columns(I, c0, w, [&] {
+            for (int64_t cc = 0; cc < w; ++cc) rs[c0 + cc] += sc.cs[cc];
+            gacc.narrow(0, c0, w).addmm_(wv.t(), S.x.narrow(0, m0, rows), 1, -1);
+          });
+        },
+        [&](int64_t I, int64_t d, TileScratch<T>& sc) {  // the strip's row contribution (and row sums)
+          const int64_t m0 = U.m0(I), rows = U.rows(I);
+          const T* strip = strips.data() + (I % kSlots) * U.R * N;
+          strip_times_x(strip, rows, m0, S.x, gacc, d, T(-1), sc.out);
+          if (d != 0) return;
+          for (int64_t r = 0; r < rows; ++r) {
             Vec<T> a(0);
             const T* sr = strip + r * N;
-            for (int64_t cc = 0; cc < N - p0; cc += W) a += Vec<T>::loadu(sr + cc, std::min<int64_t>(W, N - p0 - cc));
-            rs[p0 + r] += hsum(a);
+            for (int64_t cc = 0; cc < N - m0; cc += W) a += Vec<T>::loadu(sr + cc, std::min<int64_t>(W, N - m0 - cc));
+            rs[m0 + r] += hsum(a);
           }
-        return;
-      }
-      const int64_t k = task - ndef, m0 = U.m0(I), rows = U.rows(I), c0 = U.c0(I, k), w = U.width(I, k);
-      T* strip = strips.data() + (I & 1) * U.R * N + (c0 - m0);
-      grams(sc, I, k);
-      T* wt = sc.gs;  // W overwrites the student Gram tile, row by row
-      for (int64_t ii = 0; ii < rows; ++ii) {
-        const int64_t lo = tile_row(sc, I, k, ii);
-        T* wr = wt + ii * w;
-        std::fill(wr, wr + lo, T(0));
-        for (int64_t cc = lo; cc < w; cc += W) {
-          const int64_t n = std::min<int64_t>(W, w - cc);
-          const Vec<T> r_s = Vec<T>::loadu(sc.rs + cc, n);
-          const Vec<T> d_s = at::vec::maximum(r_s, veps).sqrt();
-          const Vec<T> d_t = at::vec::maximum(Vec<T>::loadu(sc.rt + cc, n), veps).sqrt();
-          const Vec<T> y = d_s * vims, z = y - d_t * vimt;
-          const Vec<T> g = hub.dh(z) * Vec<T>(invN2);
-          Vec<T>::blendv(zero, coef * (g - vc) / d_s, r_s >= veps).store(wr + cc, n);
-        }
-        std::copy(wr, wr + w, strip + ii * N);
-      }
-      for (int64_t cc = 0; cc < w; cc += W) {  // column sums, rows in order
-        const int64_t n = std::min<int64_t>(W, w - cc);
-        Vec<T> a(0);
-        for (int64_t ii = 0; ii < rows; ++ii) a += Vec<T>::loadu(wt + ii * w + cc, n);
-        __at_align__ T tmp[W];
-        a.store(tmp);
-        for (int64_t l = 0; l < n; ++l) rs[c0 + cc + l] += tmp[l];
-      }
-      const at::Tensor wv = at::from_blob(wt, {rows, w}, opt);
-      gacc.narrow(0, c0, w).addmm_(wv.t(), S.x.narrow(0, m0, rows), 1, -1);
-    });
+          std::array<double, 3> t{0, 0, 0};
+          for (int64_t k = 0; k < U.tiles(I); ++k)
+            for (int q = 0; q < 3; ++q) t[q] += part[(I % kSlots) * max_tiles + k][q];
+          row_tot[I] = t;
+        });
+    std::array<double, 3> tot{0, 0, 0};
+    for (const auto& t : row_tot)
+      for (int q = 0; q < 3; ++q) tot[q] += t[q];
+    return tot;
+  };
+  const auto g = grad_sweep(true, T(0));
+  if (quad) {
+    loss.fill_(2.0 * g[0] / N2);
+    if (g[2] > 0) grad_sweep(false, static_cast<T>(-2.0 * inv_mu_s * 2.0 * g[1] / pairs));
   }
   gacc.addcmul_(at::from_blob(rs.data(), {N, 1}, opt), S.x);
   if (!gacc.is_same(*grad)) grad->copy_(gacc);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Similarity-preserving. Sweep 0: the row sums |Gs_i|^2, |Gt_i|^2, Gs_i . Gt_i (each tile adds
-// its column sums to the rows it owns and leaves its row sums, added in tile order after the
-// tile-row). Sweep 1: the loss and the gradient (Z + Z^T) X with the symmetric weights
-// Y_ij = (v_i + v_j) Gs_ij - (w_i + w_j) Gt_ij, in tile-rows like the distance's sweep 2.
+// Similarity-preserving, two Ordered sweeps. Sweep 0: the row sums |Gs_i|^2, |Gt_i|^2,
+// Gs_i . Gt_i (each tile adds its column sums to the rows it covers and leaves its row sums,
+// added in tile order by the tile-row's finishing task). Sweep 1: the loss and the gradient
+// (Z + Z^T) X with the symmetric weights Y_ij = (v_i + v_j) Gs_ij - (w_i + w_j) Gt_ij, like
+// the distance's gradient sweep.
 template <typename T>
 void sp_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
              const std::optional<at::Tensor>& grad) {
@@ -441,62 +571,70 @@ void sp_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
   const bool want = grad.has_value();
   const auto opt = at::TensorOptions().dtype(acc);
   const Upper U(N);
+  const int64_t max_tiles = U.tiles(0);
   auto scratch = [&] { return TileScratch<T>(U.R, D); };
   auto grams = [&](TileScratch<T>& sc, int64_t I, int64_t k) {
     gram_tile(S.x, U.m0(I), U.rows(I), U.c0(I, k), U.width(I, k), sc.gs);
     gram_tile(Tt.x, U.m0(I), U.rows(I), U.c0(I, k), U.width(I, k), sc.gt);
   };
-  const int64_t max_tiles = U.tiles(0);
 
   // sweep 0
   std::vector<double> ss(N, 0.0), tt(N, 0.0), st(N, 0.0);
-  std::vector<double> part(max_tiles * U.R * 3);  // row sums of each tile of a tile-row
-  for (int64_t I = 0; I < U.nrows; ++I) {
-    const int64_t m0 = U.m0(I), rows = U.rows(I);
-    run_tasks<TileScratch<T>>(U.tiles(I), scratch, [&](int64_t k, TileScratch<T>& sc) {
-      const int64_t c0 = U.c0(I, k), w = U.width(I, k);
-      grams(sc, I, k);
-      const T* gs = sc.gs;
-      const T* gt = sc.gt;
-      for (int64_t ii = 0; ii < rows; ++ii) {  // row parts: j >= i
-        const int64_t lo = std::max<int64_t>(0, m0 + ii - c0);
-        Vec<T> a(0), b(0), e(0);
-        for (int64_t cc = lo; cc < w; cc += W) {
-          const int64_t n = std::min<int64_t>(W, w - cc);
-          const Vec<T> x = Vec<T>::loadu(gs + ii * w + cc, n), y = Vec<T>::loadu(gt + ii * w + cc, n);
-          a = at::vec::fmadd(x, x, a);
-          b = at::vec::fmadd(y, y, b);
-          e = at::vec::fmadd(x, y, e);
-        }
-        double* p = part.data() + (k * U.R + ii) * 3;
-        p[0] = hsum(a), p[1] = hsum(b), p[2] = hsum(e);
-      }
-      for (int64_t cc = 0; cc < w; cc += W) {  // column parts: i < j, the tile owns columns j
-        const int64_t n = std::min<int64_t>(W, w - cc);
-        const Vec<T> col = Vec<T>::arange(static_cast<T>(c0 + cc), T(1));
-        Vec<T> a(0), b(0), e(0);
-        for (int64_t ii = 0; ii < std::min(rows, c0 + cc + n - m0); ++ii) {
-          const Vec<T> keep = col > Vec<T>(static_cast<T>(m0 + ii));
-          const Vec<T> x = Vec<T>::loadu(gs + ii * w + cc, n) & keep;
-          const Vec<T> y = Vec<T>::loadu(gt + ii * w + cc, n) & keep;
-          a = at::vec::fmadd(x, x, a);
-          b = at::vec::fmadd(y, y, b);
-          e = at::vec::fmadd(x, y, e);
-        }
-        __at_align__ T ta[W], tb[W], te[W];
-        a.store(ta), b.store(tb), e.store(te);
-        for (int64_t l = 0; l < n; ++l) {
-          ss[c0 + cc + l] += ta[l];
-          tt[c0 + cc + l] += tb[l];
-          st[c0 + cc + l] += te[l];
-        }
-      }
-    });
-    for (int64_t ii = 0; ii < rows; ++ii)
-      for (int64_t k = 0; k < U.tiles(I); ++k) {
-        const double* p = part.data() + (k * U.R + ii) * 3;
-        ss[m0 + ii] += p[0], tt[m0 + ii] += p[1], st[m0 + ii] += p[2];
-      }
+  std::vector<double> part(kSlots * max_tiles * U.R * 3);  // row sums of each tile of a tile-row
+  {
+    Ordered ord(U, 1);
+    ord.run<TileScratch<T>>(
+        scratch,
+        [&](int64_t I, int64_t k, TileScratch<T>& sc) {
+          const int64_t m0 = U.m0(I), rows = U.rows(I), c0 = U.c0(I, k), w = U.width(I, k);
+          grams(sc, I, k);
+          const T* gs = sc.gs;
+          const T* gt = sc.gt;
+          ord.slot_free(I);
+          for (int64_t ii = 0; ii < rows; ++ii) {  // row parts: j >= i
+            const int64_t lo = std::max<int64_t>(0, m0 + ii - c0);
+            Vec<T> a(0), b(0), e(0);
+            for (int64_t cc = lo; cc < w; cc += W) {
+              const int64_t n = std::min<int64_t>(W, w - cc);
+              const Vec<T> x = Vec<T>::loadu(gs + ii * w + cc, n), y = Vec<T>::loadu(gt + ii * w + cc, n);
+              a = at::vec::fmadd(x, x, a);
+              b = at::vec::fmadd(y, y, b);
+              e = at::vec::fmadd(x, y, e);
+            }
+            double* p = part.data() + (((I % kSlots) * max_tiles + k) * U.R + ii) * 3;
+            p[0] = hsum(a), p[1] = hsum(b), p[2] = hsum(e);
+          }
+          T* cs = sc.cs;  // column parts (i < j) of the three sums: cs[3 cc + q]
+          for (int64_t cc = 0; cc < w; cc += W) {
+            const int64_t n = std::min<int64_t>(W, w - cc);
+            const Vec<T> col = Vec<T>::arange(static_cast<T>(c0 + cc), T(1));
+            Vec<T> a(0), b(0), e(0);
+            for (int64_t ii = 0; ii < std::min(rows, c0 + cc + n - m0); ++ii) {
+              const Vec<T> keep = col > Vec<T>(static_cast<T>(m0 + ii));
+              const Vec<T> x = Vec<T>::loadu(gs + ii * w + cc, n) & keep;
+              const Vec<T> y = Vec<T>::loadu(gt + ii * w + cc, n) & keep;
+              a = at::vec::fmadd(x, x, a);
+              b = at::vec::fmadd(y, y, b);
+              e = at::vec::fmadd(x, y, e);
+            }
+            a.store(cs + cc, n), b.store(cs + kCols + cc, n), e.store(cs + 2 * kCols + cc, n);
+          }
+          ord.columns(I, c0, w, [&] {
+            for (int64_t cc = 0; cc < w; ++cc) {
+              ss[c0 + cc] += cs[cc];
+              tt[c0 + cc] += cs[kCols + cc];
+              st[c0 + cc] += cs[2 * kCols + cc];
+            }
+          });
+        },
+        [&](int64_t I, int64_t, TileScratch<T>&) {
+          const int64_t m0 = U.m0(I);
+          for (int64_t ii = 0; ii < U.rows(I); ++ii)
+            for (int64_t k = 0; k < U.tiles(I); ++k) {
+              const double* p = part.data() + (((I % kSlots) * max_tiles + k) * U.R + ii) * 3;
+              ss[m0 + ii] += p[0], tt[m0 + ii] += p[1], st[m0 + ii] += p[2];
+            }
+        });
   }
   const double invN2 = 1.0 / (static_cast<double>(N) * N);
   std::vector<T> inv_n(N), inv_m(N), vv(N), ww(N);
@@ -512,61 +650,67 @@ void sp_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
 
   // sweep 1
   at::Tensor gacc = want ? grad_accumulator(grad, acc, N, D) : at::Tensor();
-  std::vector<T> strips(want ? 2 * U.R * N : 0);
-  std::vector<double> lpart(max_tiles, 0.0);
-  const int64_t nd = want ? (D + kDcols - 1) / kDcols : 0;
-  double total = 0;
-  for (int64_t I = 0; I <= U.nrows; ++I) {
-    const int64_t ndef = I > 0 ? nd : 0, ntile = I < U.nrows ? U.tiles(I) : 0;
-    run_tasks<TileScratch<T>>(ndef + ntile, scratch, [&](int64_t task, TileScratch<T>& sc) {
-      if (task < ndef) {
-        const int64_t P = I - 1;
-        strip_times_x(strips.data() + (P & 1) * U.R * N, U.rows(P), U.m0(P), S.x, gacc, task, T(1),
-                      sc.out);
-        return;
-      }
-      const int64_t k = task - ndef, m0 = U.m0(I), rows = U.rows(I), c0 = U.c0(I, k), w = U.width(I, k);
-      grams(sc, I, k);
-      T* gs = sc.gs;  // Y overwrites the student Gram tile, row by row
-      const T* gt = sc.gt;
-      const T* in = inv_n.data() + c0;  // indexed by column
-      const T* im = inv_m.data() + c0;
-      double lsum = 0;
-      for (int64_t ii = 0; ii < rows; ++ii) {
-        const int64_t i = m0 + ii, lo = std::min(w, std::max<int64_t>(0, i + 1 - c0));
-        T* gr = gs + ii * w;
-        const T* tr = gt + ii * w;
-        if (lo > 0 && i - c0 < w && i >= c0) {  // the diagonal (i, i), once
-          const int64_t d = i - c0;
-          const T dd = gr[d] * inv_n[i] - tr[d] * inv_m[i];
-          lsum += static_cast<double>(dd) * dd;
-          if (want) gr[d] = vv[i] * gr[d] - ww[i] * tr[d];  // half of (Z + Z^T)_ii: both ends apply it
+  std::vector<T> strips(want ? kSlots * U.R * N : 0);
+  std::vector<double> lpart(kSlots * max_tiles, 0.0), row_loss(U.nrows, 0.0);
+  const int64_t nd = want ? (D + kDcols - 1) / kDcols : 1;
+  Ordered ord(U, nd);
+  ord.run<TileScratch<T>>(
+      scratch,
+      [&](int64_t I, int64_t k, TileScratch<T>& sc) {
+        const int64_t m0 = U.m0(I), rows = U.rows(I), c0 = U.c0(I, k), w = U.width(I, k);
+        grams(sc, I, k);
+        T* gs = sc.gs;  // Y overwrites the student Gram tile, row by row
+        const T* gt = sc.gt;
+        const T* in = inv_n.data() + c0;  // indexed by column
+        const T* im = inv_m.data() + c0;
+        double lsum = 0;
+        for (int64_t ii = 0; ii < rows; ++ii) {
+          const int64_t i = m0 + ii, lo = std::min(w, std::max<int64_t>(0, i + 1 - c0));
+          T* gr = gs + ii * w;
+          const T* tr = gt + ii * w;
+          if (i >= c0) {  // the diagonal (i, i), once (tile 0 only)
+            const int64_t d = i - c0;
+            const T dd = gr[d] * inv_n[i] - tr[d] * inv_m[i];
+            lsum += static_cast<double>(dd) * dd;
+            if (want) gr[d] = vv[i] * gr[d] - ww[i] * tr[d];  // half of (Z + Z^T)_ii: both ends apply it
+            if (want) std::fill(gr, gr + d, T(0));
+          }
+          const Vec<T> ini(inv_n[i]), imi(inv_m[i]), vi(vv[i]), wi(ww[i]);
+          Vec<T> a(0);
+          for (int64_t cc = lo; cc < w; cc += W) {
+            const int64_t n = std::min<int64_t>(W, w - cc);
+            const Vec<T> x = Vec<T>::loadu(gr + cc, n), z = Vec<T>::loadu(tr + cc, n);
+            const Vec<T> e1 = x * ini - z * imi;
+            const Vec<T> e2 = x * Vec<T>::loadu(in + cc, n) - z * Vec<T>::loadu(im + cc, n);
+            a = at::vec::fmadd(e1, e1, a);
+            a = at::vec::fmadd(e2, e2, a);  // zero-filled tail lanes add 0
+            if (want)
+              ((vi + Vec<T>::loadu(vv.data() + c0 + cc, n)) * x - (wi + Vec<T>::loadu(ww.data() + c0 + cc, n)) * z)
+                  .store(gr + cc, n);
+          }
+          lsum += hsum(a);
         }
-        if (want) std::fill(gr, gr + std::max<int64_t>(0, std::min(lo, i - c0)), T(0));
-        const Vec<T> ini(inv_n[i]), imi(inv_m[i]), vi(vv[i]), wi(ww[i]);
-        Vec<T> a(0);
-        for (int64_t cc = lo; cc < w; cc += W) {
-          const int64_t n = std::min<int64_t>(W, w - cc);
-          const Vec<T> x = Vec<T>::loadu(gr + cc, n), z = Vec<T>::loadu(tr + cc, n);
-          const Vec<T> e1 = x * ini - z * imi;
-          const Vec<T> e2 = x * Vec<T>::loadu(in + cc, n) - z * Vec<T>::loadu(im + cc, n);
-          a = at::vec::fmadd(e1, e1, a);
-          a = at::vec::fmadd(e2, e2, a);  // zero-filled tail lanes add 0
-          if (want)
-            ((vi + Vec<T>::loadu(vv.data() + c0 + cc, n)) * x - (wi + Vec<T>::loadu(ww.data() + c0 + cc, n)) * z)
-                .store(gr + cc, n);
+        ord.slot_free(I);
+        lpart[(I % kSlots) * max_tiles + k] = lsum;
+        if (want) {
+          T* strip = strips.data() + (I % kSlots) * U.R * N + (c0 - m0);
+          for (int64_t ii = 0; ii < rows; ++ii) std::copy(gs + ii * w, gs + ii * w + w, strip + ii * N);
         }
-        lsum += hsum(a);
-        if (want) std::copy(gr, gr + w, strips.data() + (I & 1) * U.R * N + ii * N + (c0 - m0));
-      }
-      lpart[k] = lsum;
-      if (want) {
         const at::Tensor yv = at::from_blob(gs, {rows, w}, opt);
-        gacc.narrow(0, c0, w).addmm_(yv.t(), S.x.narrow(0, m0, rows));
-      }
-    });
-    for (int64_t k = 0; k < ntile; ++k) total += lpart[k];
-  }
+        ord.columns(I, c0, w, [&] {
+          if (want) gacc.narrow(0, c0, w).addmm_(yv.t(), S.x.narrow(0, m0, rows));
+        });
+      },
+      [&](int64_t I, int64_t d, TileScratch<T>& sc) {
+        if (want)
+          strip_times_x(strips.data() + (I % kSlots) * U.R * N, U.rows(I), U.m0(I), S.x, gacc, d, T(1), sc.out);
+        if (d != 0) return;
+        double l = 0;
+        for (int64_t k = 0; k < U.tiles(I); ++k) l += lpart[(I % kSlots) * max_tiles + k];
+        row_loss[I] = l;
+      });
+  double total = 0;
+  for (int64_t I = 0; I < U.nrows; ++I) total += row_loss[I];
   loss.fill_(total * invN2);
   if (want && !gacc.is_same(*grad)) grad->copy_(gacc);
 }
