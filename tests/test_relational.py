@@ -183,6 +183,18 @@ def test_huber_delta_and_eps(backend):
     assert_close(g, rg, torch.float32, "angle L1 grad", atol=1e-6)
 
 
+@pytest.mark.parametrize("huber_delta", [50.0, 0.05, 0.0], ids=["quadratic", "mixed", "l1"])
+def test_distance_paths_across_tiles(huber_delta):
+    """The cpp distance kernel takes a closed form when every pair sits in smooth-L1's
+    quadratic part, a correction sweep when some do not, and its own sweep for L1: each one
+    at a size that crosses its 64 x 128 tiles, against the float64 oracle."""
+    device = skip_unless_available("cpp", "rkd_distance")
+    s, t = make_pair(263, 45, 17, torch.float32, device, seed=12, dups=huber_delta != 0.0)
+    out, ref, g, rg = run_both("distance", s, t, "cpp", huber_delta=huber_delta)
+    assert_close(out, ref, torch.float32, f"distance delta={huber_delta}")
+    assert_close(g, rg, torch.float32, f"distance grad delta={huber_delta}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sp_zero_row(backend):
     """A zero student row: its Gram row is 0 and F.normalize's eps takes over, as in torch."""
