@@ -66,7 +66,10 @@ def _native_reason(family: str, device_type: str) -> Optional[str]:
     key = "CPU" if device_type == "cpu" else "CUDA"
     if device_type not in want.values() or not torch._C._dispatch_has_kernel_for_dispatch_key(
             f"fastkd::{op}", key):
-        return f"no {key} kernel for fastkd::{op} in the native extension"
+        # the registry is the truth: a family gets `cuda` exactly when csrc/cuda registers its op
+        # under the CUDA key (and keeps `triton` otherwise)
+        why = _native.cuda_reason() if key == "CUDA" else ""
+        return f"no {key} kernel for fastkd::{op} in the native extension" + (f" ({why})" if why else "")
     return None
 
 

@@ -8,6 +8,7 @@ Native code is optional: nothing here runs at import, and a failure only warns o
   compile ``fastkd/csrc`` once with ``torch.utils.cpp_extension.load`` (ninja, cached under
   ``TORCH_EXTENSIONS_DIR``). ``FASTKD_NO_NATIVE=1`` disables both.
 * ``reason()`` -> str: why native ops are unavailable, ``""`` when they are.
+* ``cuda_reason()`` -> str: why the build left out the CUDA kernels (``csrc/cuda``), ``""`` if it did not.
 * ``has_op(name)`` -> bool: ``torch.ops.fastkd.<name>`` exists.
 
 After loading, fake (meta) kernels are registered so ``torch.compile`` can trace the ops; every
@@ -93,13 +94,27 @@ def _build_dir(ce, cflags: list[str]) -> str:
     return ce._get_build_directory(f"{_NAME}-{key}", verbose=False)  # creates it
 
 
+def _cuda_skip_reason(ce, cu: list[str]) -> str:
+    """Why the CUDA sources are left out of the build; "" when they are compiled."""
+    if not cu:
+        return "there are no CUDA sources"
+    if not torch.version.cuda:
+        return f"this torch ({torch.__version__}) is a build without CUDA"
+    if not ce.CUDA_HOME or not os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc")):
+        return "nvcc was not found (set CUDA_HOME to the CUDA toolkit that matches torch)"
+    return ""
+
+
 def _jit_load() -> None:
     from torch.utils import cpp_extension as ce
 
     cpp, cu = _sources()
     cflags, ldflags = _cflags()
     sources, cuda_flags = list(cpp), None
-    if torch.version.cuda and ce.CUDA_HOME and cu and os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc")):
+    # CUDA sources compile only where torch has CUDA and nvcc exists; elsewhere the extension
+    # holds the CPU kernels alone (and its cache directory differs, by the -D flag below).
+    _state["cuda_skip"] = _cuda_skip_reason(ce, cu)
+    if not _state["cuda_skip"]:
         sources += cu
         cflags.append("-DFASTKD_WITH_CUDA")
         cuda_flags = ["-O3", "-DFASTKD_WITH_CUDA"]
@@ -194,6 +209,15 @@ def reason() -> str:
     """Why native ops are unavailable; "" when they are loaded."""
     load()
     return _state["reason"]
+
+
+def cuda_reason() -> str:
+    """Why the loaded extension has no CUDA kernels, as far as the build knows; "" otherwise."""
+    if not load():
+        return _state["reason"]
+    if _state.get("how") == "aot":
+        return "" if torch.version.cuda else f"this torch ({torch.__version__}) is a build without CUDA"
+    return _state.get("cuda_skip", "")
 
 
 def has_op(name: str) -> bool:
