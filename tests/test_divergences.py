@@ -13,7 +13,7 @@ import fastkd
 from conftest import HAS_CUDA, skip_unless_available
 
 DIVS = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
-BACKENDS = ["torch", "cpp", "triton"]
+BACKENDS = ["torch", "cpp", "triton", "cuda"]  # cuda runs (and triton on CUDA) only with a GPU
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.8e-3, torch.float16: 9.8e-4, torch.float64: 2.2e-16}
 
@@ -400,11 +400,12 @@ def test_jsd_endpoints_are_the_kls():
     assert mid < math.log(2) * 1.0 + 1e-9  # JSD is bounded by log 2 (T=1, scaled by T^2 = 1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cuda"])  # the ones with float64 math
 @pytest.mark.parametrize("divergence", DIVS)
 def test_gradcheck_float64(backend, divergence):
     skip_unless_available(backend)
-    s, t, labels = make_inputs((3, 2, 11), torch.float64, "cpu", seed=17)
+    device = "cuda" if backend == "cuda" else "cpu"  # torch and cpp on the CPU, as before
+    s, t, labels = make_inputs((3, 2, 11), torch.float64, device, seed=17)
     s.requires_grad_()
     t.requires_grad_()
 
@@ -429,7 +430,7 @@ def test_module_matches_function(backend):
     assert "jsd" in repr(crit)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "cuda"])
 def test_torch_compile_fullgraph(backend):
     """A module using KDLoss compiles with fullgraph=True and gives the eager numbers."""
     device = skip_unless_available(backend)
