@@ -1,0 +1,640 @@
+"""One command that measures fastkd on a GPU machine and writes a report: `--out DIR`.
+
+    python benchmarks/gpu_report.py --out DIR              # every stage, within --budget-s
+    python benchmarks/gpu_report.py --out DIR --stages bench
+    python benchmarks/gpu_report.py --dry-run              # the plan; needs no GPU
+    python benchmarks/gpu_report.py --summarize DIR1 DIR2 --out DIR   # merge runs; needs no GPU
+
+Stages, in order (each in a subprocess with its own timeout, killed with its process group when
+it runs over, so one hang cannot eat the budget; all output goes to DIR/logs/ and DIR/raw.log):
+
+  env        versions: python, torch (+CUDA), triton, nvcc, ninja, driver, GPU name and memory
+  build      compiles the native extension (CPU + CUDA kernels) through fastkd._native, timed,
+             and checks that torch.ops.fastkd.kd_fwd has a CUDA kernel
+  roofline   measured copy bandwidth (1 read + 1 write), the same for a + b -> c (2 reads + 1 write,
+             the kd kernel's traffic), and the bf16 GEMM rate at 8192^3
+  kd-target  issue 8's target: kd_fwd at N=8192, V=128256 bf16, cuda vs triton, in effective TB/s
+             (one read of each input, one write of the gradient) and as a fraction of the rooflines,
+             after a correctness check of those rows against the reference
+  tests-cuda pytest tests/test_native_cuda.py tests/test_cuda_compile.py (the cuda backend's own)
+  bench      python -m fastkd.bench --full --json DIR/bench-full.json (table in DIR/bench-full.txt)
+  tests      the rest of the pytest suite, one process per file (kd files first), each with a
+             share of the remaining budget; FASTKD_REQUIRE_BACKENDS=torch,cpp,triton,cuda, so a
+             backend that fails to build fails its tests instead of skipping them
+
+The budget (--budget-s, default 560 s) bounds the whole invocation: a stage gets at most the
+time left, and stages that no longer fit are recorded as skipped with the command that runs them.
+Every invocation writes DIR/summary.md and DIR/summary.json from the stage results in DIR
+(DIR/stages/*.json), ready to be copied to benchmarks/results/<device>-<date>.{txt,json}.
+
+On a machine lent for 30 minutes with at most 10 per command, three commands cover everything
+(a fresh machine recompiles the extension, ~1-3 minutes, in each):
+    python benchmarks/gpu_report.py --out $OUT                     # env .. tests-cuda (+ more if time)
+    python benchmarks/gpu_report.py --out $OUT --stages env,bench --budget-s 540
+    python benchmarks/gpu_report.py --out $OUT --stages env,tests --budget-s 540
+then, on any machine: --summarize <the three fetched folders> --out <folder>.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA = "fastkd.gpu_report/1"
+STAGES = ("env", "build", "roofline", "kd-target", "tests-cuda", "bench", "tests")
+# the most a stage may take (it gets less when the budget has less left)
+STAGE_CAP_S = {"env": 90, "build": 480, "roofline": 180, "kd-target": 240, "tests-cuda": 360,
+               "bench": 540, "tests": 540}
+CUDA_TEST_FILES = ("tests/test_native_cuda.py", "tests/test_cuda_compile.py")
+# the rest of the suite, most relevant first; files not listed run after these, by name
+TEST_PRIORITY = ("test_divergences.py", "test_triton.py", "test_native.py", "test_sparse.py",
+                 "test_triton_sparse.py", "test_native_sparse.py", "test_fused_linear.py",
+                 "test_attention.py", "test_relational.py", "test_buffers.py", "test_distributed.py",
+                 "test_bench.py", "test_examples.py", "test_readme.py")
+RESERVE_S = 15  # kept back for writing the summary
+KD_N, KD_V = 8192, 128256
+
+
+# ----------------------------------------------------------------------------------------------
+# child stages: run as `gpu_report.py --child NAME --result FILE` in a subprocess
+# ----------------------------------------------------------------------------------------------
+def _bench_ms(fn, warmup_ms=100, rep_ms=400) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench (flushes L2 between runs), else CUDA events."""
+    import torch
+
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    except ImportError:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(20):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return sorted(times)[len(times) // 2]
+
+
+def _run_text(cmd, timeout=60):
+    """The command's output, or None when it cannot run or fails."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (r.stdout or r.stderr).strip() if r.returncode == 0 else None
+
+
+def child_env() -> dict:
+    import platform
+
+    import torch
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+           "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+           "cpu_count": os.cpu_count(), "cuda_available": torch.cuda.is_available()}
+    for mod in ("triton", "numpy", "ninja", "liger_kernel", "fastkd"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "installed")
+        except ImportError:
+            out[mod] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        out.update(gpu_name=p.name, gpu_capability=f"{p.major}.{p.minor}", gpu_sms=p.multi_processor_count,
+                   gpu_memory_gib=round(p.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count())
+    out["nvidia_smi"] = _run_text(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,"
+                                   "clocks.max.mem,power.limit", "--format=csv,noheader"])
+    from torch.utils import cpp_extension as ce
+
+    nvcc = os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else shutil.which("nvcc")
+    out["cuda_home"] = ce.CUDA_HOME
+    nvcc_version = _run_text([nvcc, "--version"]) if nvcc else None
+    out["nvcc"] = nvcc_version.splitlines()[-1] if nvcc_version else None
+    out["ninja_bin"] = _run_text(["ninja", "--version"])
+    out["git_commit"] = _run_text(["git", "-C", ROOT, "rev-parse", "HEAD"])
+    status = _run_text(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"])
+    out["git_dirty"] = None if status is None else bool(status)
+    return out
+
+
+def child_build() -> dict:
+    import torch
+
+    t0 = time.perf_counter()
+    from fastkd import _native
+
+    ok = _native.load()
+    took = time.perf_counter() - t0
+    out = {"ok": ok, "seconds": round(took, 1), "how": _native._state.get("how"), "reason": _native.reason(),
+           "cuda_reason": _native.cuda_reason() if ok else None,
+           "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST")}
+    out["kd_fwd_cuda_kernel"] = bool(ok) and torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::kd_fwd", "CUDA")
+    from fastkd import _backend
+
+    out["backends_kd_cuda"] = _backend.available_backends("cuda", "kd")
+    out["chosen"] = {fam: _backend.choose(fam, torch.device("cuda")) for fam in _backend.FAMILIES}
+    return out
+
+
+def child_roofline() -> dict:
+    import torch
+
+    out = {}
+    n = 1 << 30  # 1 GiB buffers: far past any L2
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = _bench_ms(lambda: b.copy_(a))
+    out["copy"] = {"bytes": 2 * n, "ms": ms, "gb_per_s": 2 * n / ms / 1e6}
+    a = b = None
+    m = n // 2  # bf16 elements of 1 GiB
+    x = torch.randn(m, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn_like(x)
+    z = torch.empty_like(x)
+    ms = _bench_ms(lambda: torch.add(x, y, out=z))
+    out["add"] = {"bytes": 3 * 2 * m, "ms": ms, "gb_per_s": 3 * 2 * m / ms / 1e6,
+                  "note": "2 reads + 1 write: the traffic pattern of kd_fwd with a student gradient"}
+    x = y = z = None
+    torch.cuda.empty_cache()
+    k = 8192
+    p = torch.randn(k, k, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(k, k, dtype=torch.bfloat16, device="cuda")
+    ms = _bench_ms(lambda: p @ q)
+    out["gemm_bf16"] = {"shape": [k, k, k], "ms": ms, "tflop_per_s": 2 * k**3 / ms / 1e9}
+    return out
+
+
+def child_kd_target() -> dict:
+    import torch
+
+    from fastkd import _native
+    from fastkd.reference.divergences import DIVERGENCES
+    from fastkd.reference.divergences import kd_fwd as ref_kd_fwd
+
+    _native.load()
+    impls = {}
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::kd_fwd", "CUDA"):
+        impls["cuda"] = torch.ops.fastkd.kd_fwd
+    try:
+        import fastkd.triton.divergences  # noqa: F401  (registers torch.ops.fastkd_triton.kd_fwd)
+
+        impls["triton"] = torch.ops.fastkd_triton.kd_fwd
+    except Exception as e:  # noqa: BLE001
+        print(f"triton kd unavailable: {e!r}")
+    torch.manual_seed(0)
+    N, V = KD_N, KD_V
+    s = (torch.randn(1, N, V, device="cuda") * 3).to(torch.bfloat16)
+    t = (0.6 * s.float() + torch.randn(1, N, V, device="cuda") * 3).to(torch.bfloat16)
+    labels = torch.randint(0, V, (1, N), device="cuda")
+    labels[:, ::7] = -100
+    loss = torch.empty(1, N, device="cuda")
+    gs = torch.empty_like(s)
+    gt = torch.empty_like(t)
+    # (name, divergence, temperature, hard_weight, labels?, teacher grad?)
+    cases = [("forward_kl", "forward_kl", 1.0, 0.0, False, False),
+             ("forward_kl T=2 hard=0.5 labels", "forward_kl", 2.0, 0.5, True, False),
+             ("reverse_kl", "reverse_kl", 1.0, 0.0, False, False),
+             ("jsd", "jsd", 1.0, 0.0, False, False),
+             ("tvd", "tvd", 1.0, 0.0, False, False),
+             ("forward_kl + teacher grad", "forward_kl", 1.0, 0.0, False, True)]
+    out = {"shape": [N, V], "dtype": "bfloat16", "results": [], "check": {}}
+    for name, div, T, hw, with_labels, tgrad in cases:
+        args = lambda: (s, t, labels if with_labels else None, loss, gs, gt if tgrad else None,  # noqa: E731
+                        DIVERGENCES[div], T, 0.5, 0.1, -100, 1.0, hw, True, 0.0)
+        nbytes = N * V * 2 * (2 + 1 + (1 if tgrad else 0))  # read s, t; write gs (and gt)
+        for impl, fn in impls.items():
+            try:
+                fn(*args())  # warm up / compile
+                torch.cuda.synchronize()
+                if name == "forward_kl T=2 hard=0.5 labels":  # correctness of a few rows
+                    rows = [0, 1, 7, N // 2 + 3, N - 1]
+                    rl = torch.empty(1, len(rows), dtype=torch.float64, device="cuda")
+                    rg = torch.empty(1, len(rows), V, dtype=torch.float64, device="cuda")
+                    ref_kd_fwd(s[:, rows].double(), t[:, rows].double(), labels[:, rows], rl, rg, None,
+                               DIVERGENCES[div], T, 0.5, 0.1, -100, 1.0, hw, True, 0.0)
+                    out["check"][impl] = {
+                        "rows": rows,
+                        "loss_max_abs_err": (loss[:, rows].double() - rl).abs().max().item(),
+                        "loss_max_abs": rl.abs().max().item(),
+                        "grad_max_abs_err": (gs[:, rows].double() - rg).abs().max().item(),
+                        "grad_max_abs": rg.abs().max().item()}
+                ms = _bench_ms(lambda: fn(*args()))
+                out["results"].append({"case": name, "impl": impl, "ms": ms, "bytes": nbytes,
+                                       "tb_per_s": nbytes / ms / 1e9})
+            except Exception as e:  # noqa: BLE001 - record and go on
+                out["results"].append({"case": name, "impl": impl, "error": f"{type(e).__name__}: {e}"[:500]})
+            print(json.dumps(out["results"][-1]), flush=True)
+    return out
+
+
+CHILDREN = {"env": child_env, "build": child_build, "roofline": child_roofline, "kd-target": child_kd_target}
+
+
+# ----------------------------------------------------------------------------------------------
+# orchestration
+# ----------------------------------------------------------------------------------------------
+class Runner:
+    def __init__(self, out: str, budget_s: float):
+        self.out = out
+        self.deadline = time.monotonic() + budget_s
+        os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+        os.makedirs(os.path.join(out, "stages"), exist_ok=True)
+        self.raw = open(os.path.join(out, "raw.log"), "a", encoding="utf-8")
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic() - RESERVE_S
+
+    def log(self, msg: str) -> None:
+        line = f"[{_dt.datetime.now().strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        self.raw.write(line + "\n")
+        self.raw.flush()
+
+    def run(self, label: str, cmd: list, timeout: float, env: dict | None = None, stdout_path: str | None = None):
+        """Runs cmd in its own process group with output to logs/<label>.log (or stdout_path);
+        returns (rc or None on timeout, seconds, log path)."""
+        log_path = stdout_path or os.path.join(self.out, "logs", f"{label}.log")
+        full_env = dict(os.environ, **(env or {}))
+        # this checkout's fastkd, whether or not it is pip-installed
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+        self.log(f"$ {' '.join(cmd)}  (timeout {timeout:.0f}s"
+                 + (f"; env {' '.join(f'{k}={v}' for k, v in (env or {}).items())}" if env else "") + ")")
+        t0 = time.monotonic()
+        with open(log_path, "w", encoding="utf-8") as f:
+            p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            try:
+                rc = p.wait(timeout=max(timeout, 1))
+            except subprocess.TimeoutExpired:
+                rc = None
+                for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                    try:
+                        os.killpg(p.pid, sig)  # the stage's own process group, nothing else
+                    except ProcessLookupError:
+                        break
+                    try:
+                        p.wait(timeout=grace)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+        took = time.monotonic() - t0
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        self.raw.write(f"----- {label}: {'timed out' if rc is None else f'rc={rc}'} after {took:.1f}s "
+                       f"({os.path.relpath(log_path, self.out)}) -----\n{text}\n----- end {label} -----\n")
+        self.raw.flush()
+        self.log(f"{label}: {'TIMED OUT' if rc is None else f'rc={rc}'} in {took:.1f}s")
+        return rc, took, log_path
+
+    def save(self, stage: str, result: dict) -> None:
+        with open(os.path.join(self.out, "stages", f"{stage}.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+def _arch_list() -> str | None:
+    """TORCH_CUDA_ARCH_LIST for this machine's GPU (compile for it alone, not for every arch)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    try:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"{major}.{minor}"
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _pytest_counts(text: str, junit: str | None) -> dict:
+    """passed/failed/errors/skipped from the junit xml when written, else from `-v` lines
+    (which survive a timeout), plus the failing test ids."""
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "xfailed": 0, "xpassed": 0}
+    failed = []
+    if junit and os.path.exists(junit):
+        import xml.etree.ElementTree as ET
+
+        root = ET.parse(junit).getroot()
+        for case in root.iter("testcase"):
+            tags = {c.tag for c in case}
+            cid = f"{case.get('classname')}::{case.get('name')}"
+            if "failure" in tags:
+                counts["failed"] += 1
+                failed.append(cid)
+            elif "error" in tags:
+                counts["errors"] += 1
+                failed.append(cid)
+            elif "skipped" in tags:
+                counts["skipped"] += 1
+            else:
+                counts["passed"] += 1
+        counts["source"] = "junit"
+    else:
+        for m in re.finditer(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", text, re.M):
+            key = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped",
+                   "XFAIL": "xfailed", "XPASS": "xpassed"}[m.group(2)]
+            counts[key] += 1
+            if key in ("failed", "errors"):
+                failed.append(m.group(1))
+        counts["source"] = "verbose lines (no junit xml: the run was cut short)"
+    counts["failed_ids"] = failed[:50]
+    return counts
+
+
+def _pytest(runner: Runner, label: str, files: list, timeout: float) -> dict:
+    junit = os.path.join(runner.out, "junit", f"{label}.xml")
+    os.makedirs(os.path.dirname(junit), exist_ok=True)
+    if os.path.exists(junit):
+        os.remove(junit)
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", "--tb=short",
+           f"--junitxml={junit}", *files]
+    env = {"FASTKD_REQUIRE_BACKENDS": "torch,cpp,triton,cuda", "PYTHONUNBUFFERED": "1"}
+    rc, took, log = runner.run(label, cmd, timeout, env)
+    with open(log, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    res = _pytest_counts(text, junit if rc is not None else None)
+    res.update(files=files, rc=rc, seconds=round(took, 1), timed_out=rc is None, log=os.path.relpath(log, runner.out))
+    return res
+
+
+def _test_files(exclude=CUDA_TEST_FILES) -> list:
+    found = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
+    found = [p for p in found if p not in exclude]
+    order = {name: i for i, name in enumerate(TEST_PRIORITY)}
+    return sorted(found, key=lambda p: (order.get(os.path.basename(p), len(order)), p))
+
+
+def stage_child(runner: Runner, stage: str, timeout: float) -> dict:
+    result_path = os.path.join(runner.out, "stages", f"{stage}.child.json")
+    env = {"PYTHONUNBUFFERED": "1"}
+    if stage == "build":
+        arch = _arch_list()
+        if arch:
+            env["TORCH_CUDA_ARCH_LIST"] = arch
+        env["MAX_JOBS"] = str(os.cpu_count() or 4)
+    rc, took, log = runner.run(stage, [sys.executable, os.path.abspath(__file__), "--child", stage,
+                                       "--result", result_path], timeout, env)
+    res = {"rc": rc, "seconds": round(took, 1), "timed_out": rc is None, "log": os.path.relpath(log, runner.out)}
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            res["result"] = json.load(f)
+        os.remove(result_path)
+    elif rc is not None:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            res["error_tail"] = f.read()[-2000:]
+    return res
+
+
+def stage_bench(runner: Runner, timeout: float) -> dict:
+    js = os.path.join(runner.out, "bench-full.json")
+    txt = os.path.join(runner.out, "bench-full.txt")
+    cmd = [sys.executable, "-m", "fastkd.bench", "--full", "--json", js, "--no-progress"]
+    rc, took, log = runner.run("bench", cmd, timeout, {"PYTHONUNBUFFERED": "1"}, stdout_path=txt)
+    return {"rc": rc, "seconds": round(took, 1), "timed_out": rc is None, "command": " ".join(cmd[1:]),
+            "json": os.path.basename(js) if os.path.exists(js) else None, "table": os.path.basename(txt)}
+
+
+def stage_tests(runner: Runner, files: list, label: str) -> dict:
+    results, not_run = {}, []
+    for i, f in enumerate(files):
+        left = runner.left()
+        # an equal share of what is left for each file still to run, at least 60 s
+        share = max(60.0, left / (len(files) - i))
+        if left < 30:
+            not_run = files[i:]
+            break
+        results[f] = _pytest(runner, f"{label}-{os.path.basename(f)[:-3]}", [f], min(share, left))
+    total = {k: sum(r.get(k, 0) for r in results.values()) for k in ("passed", "failed", "errors", "skipped")}
+    return {"files": results, "total": total, "not_run": not_run,
+            "timed_out": [f for f, r in results.items() if r["timed_out"]],
+            "rerun": f"python benchmarks/gpu_report.py --out DIR --stages {label} --test-files "
+                     + ",".join(not_run) if not_run else None}
+
+
+def plan(stages: list, budget: float, test_files: list | None) -> list:
+    """[(stage, description, cap seconds)] in run order."""
+    desc = {
+        "env": "versions: python, torch, CUDA, triton, nvcc, ninja, driver, GPU",
+        "build": "fastkd._native.load(): compile csrc/ (CPU + CUDA for this GPU's arch), timed",
+        "roofline": "copy and a+b->c bandwidth (1 GiB), bf16 GEMM 8192^3",
+        "kd-target": f"kd_fwd N={KD_N} V={KD_V} bf16: cuda vs triton, TB/s, checked vs reference",
+        "tests-cuda": "pytest " + " ".join(CUDA_TEST_FILES),
+        "bench": "python -m fastkd.bench --full --json DIR/bench-full.json --no-progress",
+        "tests": "pytest, one process per file: " + " ".join(os.path.basename(f) for f in
+                                                             (test_files or _test_files())),
+    }
+    return [(s, desc[s], min(STAGE_CAP_S[s], budget)) for s in STAGES if s in stages]
+
+
+# ----------------------------------------------------------------------------------------------
+# summary
+# ----------------------------------------------------------------------------------------------
+def _slug(name: str) -> str:
+    name = re.sub(r"^nvidia\s+", "", (name or "gpu").lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+
+
+def load_stages(dirs: list) -> dict:
+    """Stage results from one or more output folders; a later folder's stage wins."""
+    stages = {}
+    for d in dirs:
+        for p in sorted(glob.glob(os.path.join(d, "stages", "*.json"))):
+            name = os.path.basename(p)[:-5]
+            if name not in STAGES:
+                continue
+            with open(p) as f:
+                res = json.load(f)
+            res["from"] = os.path.abspath(d)
+            if name == "tests" and "tests" in stages:  # merge per-file results of split runs
+                stages["tests"]["files"].update(res.get("files", {}))
+                continue
+            stages[name] = res
+    if "tests" in stages:
+        t = stages["tests"]
+        t["total"] = {k: sum(r.get(k, 0) for r in t["files"].values()) for k in ("passed", "failed", "errors", "skipped")}
+    return stages
+
+
+def summarize(stages: dict) -> tuple:
+    """(summary dict, markdown text) from stage results."""
+    env = (stages.get("env") or {}).get("result") or {}
+    date = _dt.date.today().isoformat()
+    slug = _slug(env.get("gpu_name", "gpu"))
+    summary = {"schema": SCHEMA, "date": date, "device": env.get("gpu_name"),
+               "suggested_names": [f"benchmarks/results/{slug}-{date}.json", f"benchmarks/results/{slug}-{date}.txt"],
+               "stages": stages}
+    md = [f"# fastkd GPU report: {env.get('gpu_name', '(device unknown: env stage missing)')}, {date}", ""]
+    if env:
+        md += ["| | |", "|---|---|"]
+        for k in ("gpu_name", "gpu_capability", "gpu_sms", "gpu_memory_gib", "nvidia_smi", "torch", "torch_cuda",
+                  "triton", "nvcc", "ninja", "python", "liger_kernel", "git_commit", "git_dirty"):
+            md.append(f"| {k} | {env.get(k)} |")
+        md.append("")
+    b = (stages.get("build") or {})
+    if b:
+        r = b.get("result") or {}
+        md += ["## Build", f"- loaded: {r.get('ok')} ({r.get('how')}), {r.get('seconds')} s "
+               f"(arch list {r.get('torch_cuda_arch_list')}); CUDA kd_fwd kernel registered: {r.get('kd_fwd_cuda_kernel')}",
+               f"- reason: {r.get('reason') or '-'}; cuda: {r.get('cuda_reason') or '-'}",
+               f"- backend chosen on CUDA tensors: {r.get('chosen')}", ""]
+        if not r:
+            md += [f"- stage failed: rc={b.get('rc')} timed_out={b.get('timed_out')}; see {b.get('log')}", ""]
+    roof = ((stages.get("roofline") or {}).get("result")) or {}
+    if roof:
+        md += ["## Roofline (measured)",
+               f"- copy (1 read + 1 write, 1 GiB): {roof['copy']['gb_per_s']:.0f} GB/s",
+               f"- a + b -> c bf16 (2 reads + 1 write, kd_fwd's traffic): {roof['add']['gb_per_s']:.0f} GB/s",
+               f"- bf16 GEMM 8192^3: {roof['gemm_bf16']['tflop_per_s']:.0f} TFLOP/s", ""]
+    kd = ((stages.get("kd-target") or {}).get("result")) or {}
+    if kd:
+        copy = roof.get("copy", {}).get("gb_per_s")
+        add = roof.get("add", {}).get("gb_per_s")
+        md += [f"## kd_fwd at the issue-8 target: N={kd['shape'][0]}, V={kd['shape'][1]}, {kd['dtype']} "
+               "(target: cuda >= 2.4 TB/s on H100)", "",
+               "bytes = one read of student and teacher + one write of each gradient", "",
+               "| case | impl | ms | TB/s | of copy | of a+b->c |", "|---|---|---|---|---|---|"]
+        for r in kd.get("results", []):
+            if "error" in r:
+                md.append(f"| {r['case']} | {r['impl']} | error: {r['error'][:120]} | | | |")
+                continue
+            tb = r["tb_per_s"]
+            fc = f"{tb * 1e3 / copy:.0%}" if copy else "-"
+            fa = f"{tb * 1e3 / add:.0%}" if add else "-"
+            md.append(f"| {r['case']} | {r['impl']} | {r['ms']:.3f} | {tb:.2f} | {fc} | {fa} |")
+        for impl, c in (kd.get("check") or {}).items():
+            md.append(f"\ncheck vs float64 reference ({impl}, rows {c['rows']}): loss max abs err "
+                      f"{c['loss_max_abs_err']:.3g} (max |loss| {c['loss_max_abs']:.3g}), grad max abs err "
+                      f"{c['grad_max_abs_err']:.3g} (max |grad| {c['grad_max_abs']:.3g})")
+        md.append("")
+    for name in ("tests-cuda", "tests"):
+        st = stages.get(name)
+        if not st:
+            continue
+        md += [f"## {name}", "", "| file | passed | failed | errors | skipped | s | note |", "|---|---|---|---|---|---|---|"]
+        for f, r in st.get("files", {}).items():
+            note = "TIMED OUT" if r.get("timed_out") else ""
+            md.append(f"| {f} | {r.get('passed')} | {r.get('failed')} | {r.get('errors')} | {r.get('skipped')} | "
+                      f"{r.get('seconds')} | {note} |")
+        tot = st.get("total", {})
+        md.append(f"| **total** | {tot.get('passed')} | {tot.get('failed')} | {tot.get('errors')} | {tot.get('skipped')} | | |")
+        fails = [i for r in st.get("files", {}).values() for i in r.get("failed_ids", [])]
+        if fails:
+            md += ["", "failing: " + ", ".join(fails[:30])]
+        if st.get("not_run"):
+            md += ["", f"not run (budget): {', '.join(st['not_run'])}; rerun: `{st.get('rerun')}`"]
+        md.append("")
+    be = stages.get("bench")
+    if be:
+        md += ["## Benchmarks: `python -m " + be.get("command", "fastkd.bench --full") + "`",
+               f"rc={be.get('rc')}, {be.get('seconds')} s" + (" (TIMED OUT)" if be.get("timed_out") else "")
+               + f"; raw numbers: {be.get('json')}; table: {be.get('table')}", ""]
+        table = os.path.join(be.get("from", ""), be.get("table") or "")
+        if be.get("table") and os.path.exists(table):
+            with open(table, encoding="utf-8", errors="replace") as f:
+                md += ["```", f.read().rstrip()[-20000:], "```", ""]
+    missing = [s for s in STAGES if s not in stages]
+    if missing:
+        md += ["## Not run", *[f"- {s}: `python benchmarks/gpu_report.py --out DIR --stages {s}`" for s in missing], ""]
+    md += ["## Files", "copy to: " + " and ".join(summary["suggested_names"]) + " (summary.json, summary.md)", ""]
+    return summary, "\n".join(md)
+
+
+def write_summary(out: str, dirs: list) -> str:
+    stages = load_stages(dirs)
+    summary, md = summarize(stages)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(md + "\n")
+    return md
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.split("\n")[1:]))
+    ap.add_argument("--out", help="output folder (created); required unless --dry-run")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--budget-s", type=float, default=560.0, help="seconds for this whole invocation (default 560)")
+    ap.add_argument("--test-files", help="tests stage: comma-separated files instead of the whole suite")
+    ap.add_argument("--dry-run", action="store_true", help="print the stages that would run, and exit")
+    ap.add_argument("--summarize", nargs="+", metavar="DIR", help="merge these output folders into --out; no GPU")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        sys.path.insert(0, ROOT)
+        res = CHILDREN[args.child]()
+        with open(args.result, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        return 0
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stage(s) {bad}; choose from {','.join(STAGES)}")
+    test_files = [f.strip() for f in args.test_files.split(",")] if args.test_files else None
+
+    if args.dry_run:
+        print(f"gpu_report.py plan (budget {args.budget_s:.0f} s; a stage gets at most its cap and the time left):")
+        for name, desc, cap in plan(stages, args.budget_s, test_files):
+            print(f"  {name:<11} cap {cap:>4.0f}s  {desc}")
+        print(f"output: {args.out or 'DIR'}/summary.md, summary.json, raw.log, logs/, stages/, bench-full.*")
+        return 0
+
+    if not args.out:
+        ap.error("--out is required")
+    if args.summarize:
+        os.makedirs(args.out, exist_ok=True)
+        print(write_summary(args.out, args.summarize))
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"gpu_report.py needs a CUDA GPU: torch.cuda.is_available() is False here "
+              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). "
+              f"Use --dry-run to see the plan, or --summarize to merge reports.", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+
+    runner = Runner(args.out, args.budget_s)
+    runner.log(f"gpu_report: stages {','.join(stages)}, budget {args.budget_s:.0f}s, out {os.path.abspath(args.out)}")
+    for name, _, cap in plan(stages, args.budget_s, test_files):
+        left = runner.left()
+        if left < 20:
+            runner.log(f"{name}: skipped (no budget left); run it with --stages {name}")
+            continue
+        timeout = min(cap, left)
+        if name in CHILDREN:
+            res = stage_child(runner, name, timeout)
+        elif name == "tests-cuda":
+            r = _pytest(runner, "tests-cuda", list(CUDA_TEST_FILES), timeout)
+            res = {"files": {" ".join(CUDA_TEST_FILES): r}, "total": {k: r.get(k) for k in
+                                                                       ("passed", "failed", "errors", "skipped")}}
+        elif name == "bench":
+            res = stage_bench(runner, timeout)
+        else:
+            res = stage_tests(runner, test_files or _test_files(), "tests")
+        runner.save(name, res)
+    md = write_summary(args.out, [args.out])
+    runner.log(f"summary: {os.path.join(args.out, 'summary.md')}")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""benchmarks/gpu_report.py without a GPU: its plan, its refusal, its stage plumbing and its summary.
+
+The GPU stages themselves run only on a GPU machine; what can break unnoticed before then (the
+orchestration, timeouts, parsing, the summary a later session copies into benchmarks/results)
+is checked here, cheaply.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import HAS_CUDA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_report.py")
+
+
+@pytest.fixture(scope="module")
+def gr():
+    spec = importlib.util.spec_from_file_location("gpu_report", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_dry_run_lists_the_stages_in_order(gr):
+    r = _run("--dry-run")
+    assert r.returncode == 0, r.stderr
+    pos = [r.stdout.find(f"  {s} ") for s in gr.STAGES]
+    assert all(p >= 0 for p in pos) and pos == sorted(pos), r.stdout
+    assert "fastkd.bench --full --json" in r.stdout and "test_native_cuda.py" in r.stdout
+    r = _run("--dry-run", "--stages", "env,bench", "--budget-s", "100")
+    assert r.returncode == 0 and "  bench " in r.stdout and "  tests " not in r.stdout
+    assert "cap  100s" in r.stdout  # no stage gets more than the budget
+    assert _run("--dry-run", "--stages", "nope").returncode != 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
+def test_fails_fast_without_a_gpu(tmp_path):
+    out = tmp_path / "report"
+    t0 = time.monotonic()
+    r = _run("--out", str(out))
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
+    assert time.monotonic() - t0 < 60 and not out.exists()
+
+
+def test_a_stage_that_runs_over_is_killed(gr, tmp_path):
+    runner = gr.Runner(str(tmp_path), budget_s=100)
+    t0 = time.monotonic()
+    rc, took, log = runner.run("sleepy", [sys.executable, "-c", "import time; print('started', flush=True); "
+                                          "time.sleep(60)"], timeout=2)
+    assert rc is None and took < 30 and time.monotonic() - t0 < 30
+    assert "started" in open(log).read()
+    raw = open(tmp_path / "raw.log").read()
+    assert "sleepy: timed out" in raw and "TIMED OUT" in raw
+
+
+def test_pytest_counts_survive_a_timeout(gr):
+    text = ("tests/test_a.py::test_x[1] PASSED [ 10%]\ntests/test_a.py::test_x[2] FAILED [ 20%]\n"
+            "tests/test_a.py::test_y SKIPPED (no gpu) [ 30%]\ntests/test_a.py::test_z ERROR [ 40%]\n")
+    c = gr._pytest_counts(text, None)
+    assert (c["passed"], c["failed"], c["skipped"], c["errors"]) == (1, 1, 1, 1)
+    assert c["failed_ids"] == ["tests/test_a.py::test_x[2]", "tests/test_a.py::test_z"]
+
+
+def test_env_stage_runs_as_a_child(gr, tmp_path):
+    runner = gr.Runner(str(tmp_path), budget_s=200)
+    res = gr.stage_child(runner, "env", timeout=150)
+    assert res["rc"] == 0, res
+    env = res["result"]
+    assert env["torch"] and env["python"] and "cuda_available" in env
+
+
+def _fake_run(d, stages):
+    os.makedirs(os.path.join(d, "stages"), exist_ok=True)
+    for name, res in stages.items():
+        with open(os.path.join(d, "stages", f"{name}.json"), "w") as f:
+            json.dump(res, f)
+
+
+def test_summary_merges_runs(gr, tmp_path):
+    run1, run2, out = tmp_path / "run1", tmp_path / "run2", tmp_path / "out"
+    env = {"result": {"gpu_name": "NVIDIA H100 80GB HBM3", "gpu_capability": "9.0", "torch": "2.11.0+cu130"}}
+    _fake_run(run1, {
+        "env": env,
+        "build": {"rc": 0, "result": {"ok": True, "how": "jit", "seconds": 95.0, "kd_fwd_cuda_kernel": True,
+                                      "chosen": {"kd": "cuda", "sparse_kd": "triton"}}},
+        "roofline": {"rc": 0, "result": {"copy": {"gb_per_s": 3000.0}, "add": {"gb_per_s": 3100.0},
+                                         "gemm_bf16": {"tflop_per_s": 700.0}}},
+        "kd-target": {"rc": 0, "result": {"shape": [8192, 128256], "dtype": "bfloat16", "results": [
+            {"case": "forward_kl", "impl": "cuda", "ms": 2.5, "bytes": 6303809536, "tb_per_s": 2.52},
+            {"case": "forward_kl", "impl": "triton", "error": "RuntimeError: boom"}],
+            "check": {"cuda": {"rows": [0, 1], "loss_max_abs_err": 1e-6, "loss_max_abs": 3.0,
+                               "grad_max_abs_err": 1e-7, "grad_max_abs": 0.01}}}},
+        "tests": {"files": {"tests/test_divergences.py": {"passed": 10, "failed": 1, "errors": 0, "skipped": 2,
+                                                          "seconds": 50, "failed_ids": ["t::a"]}},
+                  "not_run": ["tests/test_readme.py"], "rerun": "python benchmarks/gpu_report.py ..."},
+    })
+    _fake_run(run2, {
+        "env": env,
+        "bench": {"rc": 0, "seconds": 300, "command": "fastkd.bench --full --json x", "json": "bench-full.json",
+                  "table": "bench-full.txt"},
+        "tests": {"files": {"tests/test_readme.py": {"passed": 3, "failed": 0, "errors": 0, "skipped": 0,
+                                                     "seconds": 5}}},
+    })
+    (run2 / "bench-full.txt").write_text("divergence  dtype  impl  median ms\nforward_kl bf16 fastkd[cuda] 2.6\n")
+    r = _run("--summarize", str(run1), str(run2), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    md = (out / "summary.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["schema"] == gr.SCHEMA and summary["device"] == "NVIDIA H100 80GB HBM3"
+    assert summary["suggested_names"][0].startswith("benchmarks/results/h100-80gb-hbm3-")
+    assert "| forward_kl | cuda | 2.500 | 2.52 | 84% | 81% |" in md  # of copy, of a+b->c
+    assert "error: RuntimeError: boom" in md and "fastkd[cuda] 2.6" in md
+    assert summary["stages"]["tests"]["total"] == {"passed": 13, "failed": 1, "errors": 0, "skipped": 2}
+    assert "tests-cuda: `python benchmarks/gpu_report.py" in md  # the one stage neither run has
