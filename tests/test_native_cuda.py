@@ -16,6 +16,8 @@ row's bytes and the device; the shapes here reach each of them:
 """
 import itertools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -366,3 +368,35 @@ def test_cluster_rows_all_options(div, softcap, hard):
     s, t = make(1, 3, 128256, torch.bfloat16, seed=div, scale=12.0 if softcap else 3.0)
     labels = torch.tensor([[5, IGNORE, 128255]], device=DEV)
     compare(s, t, labels, _cfg(divergence=div, softcap=softcap, hard_weight=hard, temperature=1.7, soft_weight=0.8))
+
+
+def test_one_cta_per_row_layouts_agree():
+    """FASTKD_CUDA_KD_MAX_SPLIT=1 gives every row one CTA, as on sm_80: V = 128256 in bf16 then no
+    longer fits shared memory (every pass re-reads global memory) and V = 20000 does (one CTA,
+    cached). Same numbers as the default layout, up to summation order."""
+    code = (
+        "import torch, fastkd._native as n; n.load()\n"
+        "op = torch.ops.fastkd.kd_fwd\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "out = []\n"
+        "for V in (20000, 128256):\n"
+        "    s = (torch.randn(2, 3, V, generator=g) * 3).bfloat16().cuda()\n"
+        "    t = (torch.randn(2, 3, V, generator=g) * 3).bfloat16().cuda()\n"
+        "    y = torch.tensor([[1, -100, V - 1], [0, 5, 7]]).cuda()\n"
+        "    for div in range(6):\n"
+        "        loss = torch.empty(2, 3, device='cuda'); gs = torch.empty_like(s); gt = torch.empty_like(t)\n"
+        "        op(s, t, y, loss, gs, gt, div, 2.0, 0.3, 0.1, -100, 1.0, 0.5, True, 0.0)\n"
+        "        out.append((loss.cpu(), gs.float().cpu(), gt.float().cpu()))\n"
+        "torch.save(out, __import__('sys').argv[1])\n")
+    results = []
+    for cap in ("1", "16"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastkd_split{cap}_{os.getpid()}.pt")
+        env = dict(os.environ, FASTKD_CUDA_KD_MAX_SPLIT=cap)
+        r = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(torch.load(path))
+        os.remove(path)
+    for (l1, gs1, gt1), (l2, gs2, gt2) in zip(*results):
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+        for a, b in ((gs1, gs2), (gt1, gt2)):
+            torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6 + 1e-5 * b.abs().max().item())

@@ -62,6 +62,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -832,6 +833,11 @@ KernelInfo kernel_info(KernelFn fn, int device) {
       info.max_split = kMaxSplit;
     else
       (void)cudaGetLastError();
+  }
+  // FASTKD_CUDA_KD_MAX_SPLIT=n caps the cluster size (tests: n = 1 runs sm_80's layouts on sm_90)
+  if (const char* cap = std::getenv("FASTKD_CUDA_KD_MAX_SPLIT")) {
+    const int n = std::atoi(cap);
+    while (n >= 1 && info.max_split > n) info.max_split /= 2;
   }
   info.static_smem = static_cast<int64_t>(attr.sharedSizeBytes);
   info.max_dyn_smem = std::max<int64_t>(0, optin - info.static_smem);
