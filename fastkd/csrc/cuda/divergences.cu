@@ -30,8 +30,8 @@
 //     to its own shared memory, the cluster barrier publishes it, and every CTA reads the nsplit
 //     partials in rank order 0..nsplit-1, so all CTAs of a row hold bitwise the same statistics and
 //     the result never depends on scheduling. No atomics anywhere.
-//   * Where no split fits (below sm_90 beyond ~70K bf16 entries per row, or rows of millions of
-//     entries) the slices stay in global memory: every pass reads them again, alternating
+//   * Where no split fits (below sm_90 beyond ~40K bf16 entries per row on A100, or rows of
+//     millions of entries) the slices stay in global memory: every pass reads them again, alternating
 //     direction so that a re-read starts with the entries read last (most likely still in L2);
 //     nsplit = 8 where clusters exist keeps the L2 footprint of the rows in flight at 1/8.
 // Passes per CTA: (1) online max / sum-exp of a = cap(s)/T, b = cap(t)/T (and of cap(s) for the
