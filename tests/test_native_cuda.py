@@ -1,19 +1,17 @@
-"""torch.ops.fastkd.kd_fwd on CUDA tensors (csrc/cuda/divergences.cu) against the float64 reference.
+"""torch.ops.fastkd.kd_fwd on CUDA tensors (csrc/cuda/divergences.cu): the CUDA-only cases.
 
 Runs where CUDA is present and the native extension holds the CUDA kernel; skips cleanly
-elsewhere (with "cuda" in FASTKD_REQUIRE_BACKENDS the skip becomes a failure).
-
-Oracle: fastkd.reference.divergences.kd_fwd in float64 on the same (already rounded) inputs,
-on the CPU. The kernel computes in float32 (float64 when an input is float64), so its error is
-bounded as in tests/test_native.py: twice the error of the same reference run in float32, plus
-~1e-5 relative, plus one rounding of the gradient's dtype.
+elsewhere (with "cuda" in FASTKD_REQUIRE_BACKENDS the skip becomes a failure). The op-level
+cases shared with the CPU kernel (reference grid, odd shapes, strides, extreme logits...) run on
+CUDA from test_native.py, with the oracle and error bound of _kd_op_cases.py.
 
 The kernel lays a row out in one of three ways (see the top of divergences.cu), chosen by the
-row's bytes and the device; the shapes here reach each of them:
+row's bytes and the device; the shapes here and there reach each of them:
   * V of a few hundred / thousand: one CTA per row, the row in shared memory;
   * V = 128256 or 256000 (16-bit): a cluster of CTAs per row (sm_90), slices in shared memory;
   * V ~ 1M in float32: no split fits shared memory, every pass re-reads global memory.
 """
+import functools
 import itertools
 import os
 import subprocess
@@ -28,8 +26,6 @@ if not HAS_CUDA:
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from fastkd import _backend  # noqa: E402
-from fastkd.reference.divergences import DIVERGENCES  # noqa: E402
-from fastkd.reference.divergences import kd_fwd as ref_kd_fwd  # noqa: E402
 
 _why = _backend.reason("cuda", "kd", "cuda")
 if _why is not None:
@@ -37,148 +33,14 @@ if _why is not None:
         pytest.fail(f"backend cuda is required here but unavailable: {_why}", pytrace=False)
     pytest.skip(f"backend cuda unavailable: {_why}", allow_module_level=True)
 
+import _kd_op_cases as cases  # noqa: E402
+from _kd_op_cases import DIVS, IGNORE, _args, _cfg, compare  # noqa: E402
+from _kd_op_cases import run_op as run_cuda  # noqa: E402
+
 op = torch.ops.fastkd.kd_fwd
 DEV = "cuda"
-IGNORE = -100
-DIVS = list(DIVERGENCES.items())
-EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
-
-
-def _cfg(**kw):
-    cfg = dict(divergence=0, temperature=1.0, beta=0.3, skew=0.1, ignore_index=IGNORE, soft_weight=1.0,
-               hard_weight=0.0, scale_temperature=True, softcap=0.0)
-    cfg.update(kw)
-    return cfg
-
-
-def _args(cfg):
-    return [cfg[k] for k in ("divergence", "temperature", "beta", "skew", "ignore_index", "soft_weight",
-                             "hard_weight", "scale_temperature", "softcap")]
-
-
-def make(B, R, V, s_dtype=torch.float32, t_dtype=None, seed=0, scale=3.0):
-    """Correlated student / teacher logits (moderate divergences), on the GPU."""
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(B, R, V, generator=g) * scale
-    t = 0.6 * s + torch.randn(B, R, V, generator=g) * scale
-    return s.to(s_dtype).to(DEV), t.to(t_dtype or s_dtype).to(DEV)
-
-
-def make_labels(B, R, V, kind, seed=0):
-    if kind == "none":
-        return None
-    g = torch.Generator().manual_seed(seed + 1)
-    y = torch.randint(0, V, (B, R), generator=g)
-    if kind == "partial":
-        y[torch.rand(B, R, generator=g) < 0.3] = IGNORE
-        y.view(-1)[0] = IGNORE
-        y.view(-1)[-1] = V - 1
-    else:
-        y.fill_(IGNORE)
-    return y.to(DEV)
-
-
-def run_cuda(s, t, labels, cfg, grad_s=True, grad_t=True, gs=None, gt=None):
-    """Calls the op with NaN-filled output buffers (so every entry must be written)."""
-    B, R, _ = s.shape
-    wide = torch.float64 in (s.dtype, t.dtype)
-    loss = torch.full((B, R), float("nan"), dtype=torch.float64 if wide else torch.float32, device=DEV)
-    if grad_s and gs is None:
-        gs = torch.full_like(s, float("nan"))
-    if grad_t and gt is None:
-        gt = torch.full_like(t, float("nan"))
-    op(s, t, labels, loss, gs if grad_s else None, gt if grad_t else None, *_args(cfg))
-    return loss, (gs if grad_s else None), (gt if grad_t else None)
-
-
-def run_ref(s, t, labels, cfg, dtype=torch.float64):
-    s, t = s.cpu().to(dtype), t.cpu().to(dtype)
-    labels = None if labels is None else labels.cpu()
-    loss = torch.empty(s.shape[:2], dtype=dtype)
-    gs, gt = torch.empty_like(s), torch.empty_like(t)
-    ref_kd_fwd(s, t, labels, loss, gs, gt, *_args(cfg))
-    return loss, gs, gt
-
-
-def _check(got, r64, r32, name, rtol=1e-5):
-    """|got - r64| <= 2 max|r32 - r64| + rtol (|r64| + 1e-2 max|r64|) + one rounding of got's dtype."""
-    g = got.double().cpu()
-    err = (g - r64).abs()
-    scale = r64.abs().nan_to_num(0, 0, 0)
-    err32 = (r32.double() - r64).abs().nan_to_num(0, 0, 0).max()
-    bound = 2 * err32 + rtol * (scale + 1e-2 * scale.max() + 1e-6)
-    if got.dtype in (torch.bfloat16, torch.float16):
-        tiny = torch.finfo(got.dtype).smallest_normal * EPS[got.dtype]  # the subnormal spacing
-        bound = bound + EPS[got.dtype] * scale * 1.01 + tiny
-    both_nan = g.isnan() & r64.isnan()
-    same_inf = g.isinf() & r64.isinf() & (g.sign() == r64.sign())
-    ok = (err <= bound) | both_nan | same_inf
-    if not bool(ok.all()):
-        i = int((~ok).flatten().nonzero()[0])
-        raise AssertionError(
-            f"{name}: {int((~ok).sum())} / {ok.numel()} entries off; first at flat index {i}: "
-            f"got {g.flatten()[i].item()!r}, ref64 {r64.flatten()[i].item()!r}, "
-            f"ref32 {r32.flatten()[i].item()!r}, bound {bound.flatten()[i].item():.3g}")
-
-
-def compare(s, t, labels, cfg, grad_s=True, grad_t=True, rtol=1e-5):
-    loss, gs, gt = run_cuda(s, t, labels, cfg, grad_s, grad_t)
-    if torch.float64 in (s.dtype, t.dtype):  # float64 math: the reference to ~1e-10
-        l64, gs64, gt64 = run_ref(s, t, labels, cfg)
-        torch.testing.assert_close(loss.cpu(), l64, rtol=1e-10, atol=1e-12)
-        for got, want in ((gs, gs64), (gt, gt64)):
-            if got is not None:
-                eps = 1e-10 if got.dtype == torch.float64 else torch.finfo(got.dtype).eps
-                torch.testing.assert_close(got.cpu().double(), want, rtol=eps, atol=1e-12)
-        return loss, gs, gt
-    l64, gs64, gt64 = run_ref(s, t, labels, cfg)
-    l32, gs32, gt32 = run_ref(s, t, labels, cfg, torch.float32)
-    _check(loss, l64, l32, "loss", rtol)
-    if grad_s:
-        _check(gs, gs64, gs32, "grad_student", rtol)
-    if grad_t:
-        _check(gt, gt64, gt32, "grad_teacher", rtol)
-    return loss, gs, gt
-
-
-DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-          (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.float64, torch.float64),
-          (torch.float64, torch.bfloat16)]
-DTYPE_IDS = [f"{str(a)[6:]}-{str(b)[6:]}" for a, b in DTYPES]
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("labels_kind,hard_weight", [("none", 0.0), ("partial", 0.0), ("partial", 0.5),
-                                                     ("all", 0.5)])
-@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("softcap", [0.0, 30.0])
-@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
-def test_matches_reference(div, softcap, dtypes, labels_kind, hard_weight, temperature):
-    B, R, V = 3, 7, 401
-    s, t = make(B, R, V, *dtypes, seed=div[1], scale=12.0 if softcap else 3.0)
-    labels = make_labels(B, R, V, labels_kind)
-    cfg = _cfg(divergence=div[1], softcap=softcap, hard_weight=hard_weight, temperature=temperature,
-               soft_weight=0.8, scale_temperature=temperature != 0.7)
-    loss, gs, gt = compare(s, t, labels, cfg)
-    if labels_kind == "all":
-        assert bool((loss == 0).all()) and bool((gs == 0).all()) and bool((gt == 0).all())
-
-
-@pytest.mark.parametrize("grads", [(True, False), (False, True), (False, False)], ids=["gs", "gt", "none"])
-@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
-def test_gradient_subsets(div, grads):
-    s, t = make(2, 5, 1271, seed=3)
-    labels = make_labels(2, 5, 1271, "partial")
-    compare(s, t, labels, _cfg(divergence=div[1], temperature=2.0, hard_weight=0.3), *grads)
-
-
-@pytest.mark.parametrize("shape", [(1, 41, 1271), (2, 3, 1), (4, 1, 333), (1, 1, 17), (2, 2, 1024), (1, 3, 2049),
-                                   (3, 2, 4099)])
-@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
-def test_odd_shapes(div, shape):
-    s, t = make(*shape, seed=5)
-    labels = make_labels(*shape, "partial")
-    compare(s, t, labels, _cfg(divergence=div[1], temperature=1.5, hard_weight=0.5))
+make = functools.partial(cases.make, device=DEV)
+make_labels = functools.partial(cases.make_labels, device=DEV)
 
 
 @pytest.mark.parametrize("V,dtype", [(128256, torch.bfloat16), (256000, torch.bfloat16), (128256, torch.float32),
@@ -192,76 +54,6 @@ def test_large_rows(div, V, dtype):
     labels = torch.tensor([[123457 % V, IGNORE], [V - 1, 0]], device=DEV)
     for grads in ((True, False), (True, True)):  # forward_kl: two passes, then three
         compare(s, t, labels, _cfg(divergence=div[1], temperature=2.0, hard_weight=0.5), *grads)
-
-
-@pytest.mark.parametrize("V", [401, 128256])
-@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_strided_and_inplace(div, dtype, V):
-    B, R = 3, 4
-    g = torch.Generator().manual_seed(7)
-    sbase = (torch.randn(B, R + 1, V + 3, generator=g) * 3).to(dtype).to(DEV)
-    s = sbase[:, :-1, :V]  # row-strided view; rows start at every alignment
-    t = (torch.randn(R, B, V, generator=g) * 3).to(dtype).to(DEV).transpose(0, 1)  # stride(0) < stride(1)
-    assert not s.is_contiguous() and not t.is_contiguous()
-    labels = make_labels(B, R, V, "partial")
-    cfg = _cfg(divergence=div[1], temperature=2.0, hard_weight=0.5, softcap=20.0)
-    gs = torch.full((B, R + 2, V + 5), float("nan"), dtype=dtype, device=DEV)[:, 1:-1, 2:V + 2]
-    gt = torch.full((R, B, V), float("nan"), dtype=dtype, device=DEV).transpose(0, 1)
-    loss, gs, gt = run_cuda(s, t, labels, cfg, gs=gs, gt=gt)
-    l64, gs64, gt64 = run_ref(s, t, labels, cfg)
-    l32, gs32, gt32 = run_ref(s, t, labels, cfg, torch.float32)
-    _check(loss, l64, l32, "loss")
-    _check(gs, gs64, gs32, "grad_student")
-    _check(gt, gt64, gt32, "grad_teacher")
-    # inplace: the gradients overwrite the (strided) logits themselves; same bits as out of place
-    s2, t2 = s.clone(), t.clone()
-    s_in, t_in = sbase.clone()[:, :-1, :V], t.transpose(0, 1).clone().transpose(0, 1)
-    loss2, _, _ = run_cuda(s_in, t_in, labels, cfg, gs=s_in, gt=t_in)
-    assert torch.equal(loss2, loss) and torch.equal(s_in, gs) and torch.equal(t_in, gt)
-    assert torch.equal(s, s2) and torch.equal(t, t2)
-
-
-@pytest.mark.parametrize("temperature", [0.5, 10.0])
-@pytest.mark.parametrize("softcap", [0.0, 30.0])
-@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
-def test_extreme_logits(div, softcap, temperature):
-    s, t = make(2, 4, 777, seed=11, scale=1e4)
-    cfg = _cfg(divergence=div[1], temperature=temperature, softcap=softcap, hard_weight=0.5)
-    loss, gs, gt = compare(s, t, make_labels(2, 4, 777, "partial"), cfg)
-    assert bool(loss.isfinite().all()) and bool(gs.isfinite().all()) and bool(gt.isfinite().all())
-
-
-@pytest.mark.parametrize("softcap", [0.0, 30.0])
-@pytest.mark.parametrize("div", [d for d in DIVS if d[0] != "reverse_kl"], ids=lambda d: d[0])
-def test_teacher_neg_inf(div, softcap):
-    """Teacher entries at -inf (masked vocabulary): 0 * log 0 = 0, everything stays finite."""
-    s, t = make(2, 3, 301, seed=13)
-    t[..., ::3] = float("-inf")
-    t[0, 0, :-1] = float("-inf")  # a row where the teacher is one-hot
-    t[0, 0, -1] = 5.0
-    loss, gs, gt = compare(s, t, None, _cfg(divergence=div[1], temperature=2.0, softcap=softcap))
-    assert bool(loss.isfinite().all()) and bool(gs.isfinite().all()) and bool(gt.isfinite().all())
-
-
-@pytest.mark.parametrize("skew", [0.0, 1.0])
-@pytest.mark.parametrize("div", ["skew_forward_kl", "skew_reverse_kl"])
-def test_skew_edges(div, skew):
-    s, t = make(2, 3, 211, seed=23)
-    compare(s, t, None, _cfg(divergence=DIVERGENCES[div], skew=skew))
-
-
-@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
-def test_ignored_rows_never_read(div):
-    B, R, V = 2, 4, 129
-    s, t = make(B, R, V, seed=17)
-    labels = make_labels(B, R, V, "partial")
-    ign = labels == IGNORE
-    s[ign] = float("nan")
-    t[ign] = float("inf")
-    loss, gs, gt = run_cuda(s, t, labels, _cfg(divergence=div[1], hard_weight=0.5))
-    assert bool((loss[ign] == 0).all()) and bool((gs[ign] == 0).all()) and bool((gt[ign] == 0).all())
-    assert bool(loss.isfinite().all()) and bool(gs.isfinite().all()) and bool(gt.isfinite().all())
 
 
 def test_label_out_of_range_is_nan_not_a_sync():
@@ -298,34 +90,10 @@ def test_agrees_with_cpu_kernel(div):
         torch.testing.assert_close(g.cpu().float(), c.float(), rtol=2**-7, atol=1e-5 * c.float().abs().max().item())
 
 
-@pytest.mark.parametrize("labels,grad_s,grad_t,div,hard", [
-    (False, True, False, 0, 0.0), (True, True, True, 2, 0.5), (True, False, False, 5, 0.0),
-    (False, False, True, 1, 0.0)])
-def test_opcheck(labels, grad_s, grad_t, div, hard):
-    s, t = make(2, 3, 37, seed=31)
-    y = make_labels(2, 3, 37, "partial") if labels else None
-    loss = torch.empty(2, 3, device=DEV)
-    gs = torch.empty_like(s) if grad_s else None
-    gt = torch.empty_like(t) if grad_t else None
-    torch.library.opcheck(op, (s, t, y, loss, gs, gt, *_args(_cfg(divergence=div, temperature=2.0,
-                                                                        hard_weight=hard))))
-
-
 def test_errors():
+    """The CUDA kernel's own errors; those of both kernels are in test_native.py's test_errors_common."""
     s, t = make(2, 3, 11)
     loss = torch.empty(2, 3, device=DEV)
-    with pytest.raises(RuntimeError, match="dtype"):
-        op(s, t, None, loss, torch.empty_like(s, dtype=torch.bfloat16), None, *_args(_cfg()))
-    with pytest.raises(RuntimeError, match="needs labels"):
-        op(s, t, None, loss, None, None, *_args(_cfg(hard_weight=0.5)))
-    with pytest.raises(RuntimeError, match="same shape"):
-        op(s, t[:, :2], None, loss, None, None, *_args(_cfg()))
-    with pytest.raises(RuntimeError, match="last dim"):
-        op(s.transpose(1, 2), t.transpose(1, 2), None, torch.empty(2, 11, device=DEV), None, None, *_args(_cfg()))
-    with pytest.raises(RuntimeError, match="beta"):
-        op(s, t, None, loss, None, None, *_args(_cfg(divergence=2, beta=1.0)))
-    with pytest.raises(RuntimeError, match="float64 exactly when an input is float64"):
-        op(s.double(), t, None, loss, None, None, *_args(_cfg()))
     with pytest.raises(RuntimeError, match="one device"):
         op(s, t.cpu(), None, loss, None, None, *_args(_cfg()))
     with pytest.raises(RuntimeError, match="labels"):

@@ -21,7 +21,7 @@ if not _native.load():
 if not _native.has_op("sparse_kd_fwd"):
     pytest.skip("the native extension has no sparse_kd_fwd op", allow_module_level=True)
 
-from test_native import _check  # noqa: E402  (after the skip: test_native skips the same way)
+from _kd_op_cases import _check, make_labels  # noqa: E402
 
 op = torch.ops.fastkd.sparse_kd_fwd
 IGNORE = -100
@@ -92,20 +92,6 @@ def make(B, R, V, K, tail, s_dtype=torch.float32, v_dtype=torch.float32, seed=0,
     else:
         vals = torch.log_softmax(t / T, -1).gather(-1, idx) + torch.log(torch.tensor(0.99))
     return z.to(s_dtype), idx, vals.to(v_dtype).contiguous()
-
-
-def make_labels(B, R, V, kind, seed=0):
-    if kind == "none":
-        return None
-    g = torch.Generator().manual_seed(seed + 1)
-    y = torch.randint(0, V, (B, R), generator=g)
-    if kind == "partial":
-        y[torch.rand(B, R, generator=g) < 0.3] = IGNORE
-        y.view(-1)[0] = IGNORE
-        y.view(-1)[-1] = V - 1
-    else:
-        y.fill_(IGNORE)
-    return y
 
 
 def strided(x):
