@@ -20,6 +20,7 @@
 // kd_row_f64 below: the reference's formulas entry by entry, not tuned for speed.
 
 #include "vec_math.h"  // first: it selects the vector ISA (CPU_CAPABILITY) for the ATen headers
+#include "../kd_checks.h"
 
 namespace fastkd {
 namespace {
@@ -372,76 +373,21 @@ void kd_rows_f64(const JobF64& J, int64_t begin, int64_t end) {
 }
 
 // ---------------------------------------------------------------------------------------------
-void check_grad_buffer(const at::Tensor& g, const at::Tensor& like, const char* gname, const char* lname,
-                       const at::Tensor& other) {
-  TORCH_CHECK(g.device().is_cpu(), "fastkd::kd_fwd: ", gname, " must be a CPU tensor");
-  TORCH_CHECK(g.scalar_type() == like.scalar_type(), "fastkd::kd_fwd: ", gname, " must have the dtype of ", lname,
-              " (", like.scalar_type(), "), got ", g.scalar_type());
-  TORCH_CHECK(g.sizes() == like.sizes(), "fastkd::kd_fwd: ", gname, " must have the shape of ", lname, " ",
-              like.sizes(), ", got ", g.sizes());
-  TORCH_CHECK(g.size(2) <= 1 || g.stride(2) == 1, "fastkd::kd_fwd: ", gname, " must be contiguous in its last dim");
-  TORCH_CHECK((g.size(0) <= 1 || g.stride(0) != 0) && (g.size(1) <= 1 || g.stride(1) != 0),
-              "fastkd::kd_fwd: ", gname, " must not have rows sharing memory (stride 0)");
-  // It may alias an input exactly (inplace mode: every row is read before it is written), but
-  // not overlap one in any other way.
-  for (const at::Tensor* in : {&like, &other}) {
-    auto a = byte_range(g), b = byte_range(*in);
-    if (a.first < b.second && b.first < a.second) {
-      TORCH_CHECK(g.data_ptr() == in->data_ptr() && g.strides() == in->strides() &&
-                      g.element_size() == in->element_size(),
-                  "fastkd::kd_fwd: ", gname, " overlaps an input without being exactly that input");
-    }
-  }
-}
-
 void kd_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
                 const at::Tensor& loss, const std::optional<at::Tensor>& grad_student,
                 const std::optional<at::Tensor>& grad_teacher, int64_t divergence, double temperature, double beta,
                 double skew, int64_t ignore_index, double soft_weight, double hard_weight, bool scale_temperature,
                 double softcap) {
-  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3,
-              "fastkd::kd_fwd: student and teacher must be 3-D [B, R, V], got ", student.sizes(), " and ",
-              teacher.sizes());
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd::kd_fwd: student ", student.sizes(),
-              " and teacher ", teacher.sizes(), " must have the same shape");
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(),
-              "fastkd::kd_fwd: student and teacher must be CPU tensors");
+  const checks::KdShape shape =
+      checks::check_kd_args(student, teacher, labels, loss, grad_student, grad_teacher, divergence, temperature, beta,
+                            skew, hard_weight, softcap, c10::DeviceType::CPU);
+  const int64_t B = shape.B, R = shape.R, V = shape.V, N = shape.N;
+  const bool wide = shape.wide;
   const at::ScalarType ts = student.scalar_type(), tt = teacher.scalar_type();
-  TORCH_CHECK((is_float_type(ts) || ts == at::kDouble) && (is_float_type(tt) || tt == at::kDouble),
-              "fastkd::kd_fwd: student and teacher must be float32, float16, bfloat16 or float64, got ", ts,
-              " and ", tt);
-  // float64 on either side (any mix): float64 math and a float64 loss, as in the reference.
-  const bool wide = ts == at::kDouble || tt == at::kDouble;
-  const at::ScalarType loss_type = wide ? at::kDouble : at::kFloat;
-  const int64_t B = student.size(0), R = student.size(1), V = student.size(2), N = B * R;
-  TORCH_CHECK(V >= 1, "fastkd::kd_fwd: the vocabulary (last) dim must be non-empty");
-  TORCH_CHECK((V <= 1 || student.stride(2) == 1) && (V <= 1 || teacher.stride(2) == 1),
-              "fastkd::kd_fwd: student and teacher must be contiguous in their last dim (strides ",
-              student.strides(), " and ", teacher.strides(), ")");
-  TORCH_CHECK(loss.device().is_cpu() && loss.scalar_type() == loss_type && loss.dim() == 2 &&
-                  loss.size(0) == B && loss.size(1) == R,
-              "fastkd::kd_fwd: loss must be a ", loss_type, " CPU tensor of shape [", B, ", ", R,
-              "] (float64 exactly when an input is float64), got ", loss.scalar_type(), " ", loss.sizes());
-  TORCH_CHECK(divergence >= 0 && divergence <= 5, "fastkd::kd_fwd: divergence code must be in 0..5, got ",
-              divergence);
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "fastkd::kd_fwd: temperature must be > 0, got ",
-              temperature);
-  TORCH_CHECK(divergence != kJSD || (beta > 0.0 && beta < 1.0),
-              "fastkd::kd_fwd: jsd needs 0 < beta < 1 (beta 0 and 1 map to forward/reverse KL), got ", beta);
-  TORCH_CHECK((divergence != kSkewForwardKL && divergence != kSkewReverseKL) || (skew >= 0.0 && skew <= 1.0),
-              "fastkd::kd_fwd: skew must be in [0, 1], got ", skew);
-  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fastkd::kd_fwd: softcap must be >= 0 (0: none), got ",
-              softcap);
-  TORCH_CHECK(hard_weight == 0.0 || labels.has_value(), "fastkd::kd_fwd: hard_weight != 0 needs labels");
-
   const int64_t* lab = nullptr;
   int64_t l0 = 0, l1 = 0;
   if (labels.has_value()) {
     const at::Tensor& L = *labels;
-    TORCH_CHECK(L.device().is_cpu() && L.scalar_type() == at::kLong && L.dim() == 2 && L.size(0) == B &&
-                    L.size(1) == R,
-                "fastkd::kd_fwd: labels must be an int64 CPU tensor of shape [", B, ", ", R, "], got ",
-                L.scalar_type(), " ", L.sizes());
     lab = L.data_ptr<int64_t>();
     l0 = L.stride(0);
     l1 = L.stride(1);
@@ -450,13 +396,6 @@ void kd_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const std:
       TORCH_CHECK(y == ignore_index || (y >= 0 && y < V), "fastkd::kd_fwd: label ", y, " at row ", i,
                   " is out of range for a vocabulary of ", V, " (ignore_index is ", ignore_index, ")");
     }
-  }
-  if (grad_student.has_value()) check_grad_buffer(*grad_student, student, "grad_student", "student", teacher);
-  if (grad_teacher.has_value()) check_grad_buffer(*grad_teacher, teacher, "grad_teacher", "teacher", student);
-  if (grad_student.has_value() && grad_teacher.has_value()) {
-    auto a = byte_range(*grad_student), b = byte_range(*grad_teacher);
-    TORCH_CHECK(!(a.first < b.second && b.first < a.second) || grad_student->numel() == 0,
-                "fastkd::kd_fwd: grad_student and grad_teacher overlap");
   }
   if (N == 0) return;
   // Enough rows per task that a thread gets at least ~64K entries of work.

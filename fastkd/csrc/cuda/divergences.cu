@@ -53,6 +53,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../kd_checks.h"
+
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -933,11 +935,8 @@ Plan make_plan(KernelFn fn, int device, int64_t V, int es, int et, cudaStream_t 
 }
 
 // ---------------------------------------------------------------------------------------------
-// argument checks: those of the CPU kernel (csrc/cpu/divergences.cpp), for CUDA tensors
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
+// host side: dtype codes and row alignment (the argument checks are ../kd_checks.h, shared with
+// the CPU kernel)
 int dtype_code(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return kF32;
@@ -947,42 +946,12 @@ int dtype_code(at::ScalarType t) {
   }
 }
 
-std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& x) {
-  const uintptr_t base = reinterpret_cast<uintptr_t>(x.data_ptr());
-  if (x.numel() == 0) return {base, base};
-  int64_t last = 0;
-  for (int64_t d = 0; d < x.dim(); ++d) last += (x.size(d) - 1) * x.stride(d);
-  return {base, base + static_cast<uintptr_t>((last + 1) * x.element_size())};
-}
 
 // Every row of x ([B, R, V], last dim contiguous) starts 16-byte aligned.
 bool rows_aligned(const at::Tensor& x) {
   const int64_t e = x.element_size();
   return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.size(0) <= 1 || (x.stride(0) * e) % 16 == 0) &&
          (x.size(1) <= 1 || (x.stride(1) * e) % 16 == 0);
-}
-
-void check_grad_buffer(const at::Tensor& g, const at::Tensor& like, const char* gname, const char* lname,
-                       const at::Tensor& other) {
-  TORCH_CHECK(g.device() == like.device(), "fastkd::kd_fwd: ", gname, " must be on ", lname, "'s device ",
-              like.device(), ", got ", g.device());
-  TORCH_CHECK(g.scalar_type() == like.scalar_type(), "fastkd::kd_fwd: ", gname, " must have the dtype of ", lname,
-              " (", like.scalar_type(), "), got ", g.scalar_type());
-  TORCH_CHECK(g.sizes() == like.sizes(), "fastkd::kd_fwd: ", gname, " must have the shape of ", lname, " ",
-              like.sizes(), ", got ", g.sizes());
-  TORCH_CHECK(g.size(2) <= 1 || g.stride(2) == 1, "fastkd::kd_fwd: ", gname, " must be contiguous in its last dim");
-  TORCH_CHECK((g.size(0) <= 1 || g.stride(0) != 0) && (g.size(1) <= 1 || g.stride(1) != 0),
-              "fastkd::kd_fwd: ", gname, " must not have rows sharing memory (stride 0)");
-  // It may alias an input exactly (inplace mode: every entry is read before it is written), but
-  // not overlap one in any other way.
-  for (const at::Tensor* in : {&like, &other}) {
-    auto a = byte_range(g), b = byte_range(*in);
-    if (a.first < b.second && b.first < a.second) {
-      TORCH_CHECK(g.data_ptr() == in->data_ptr() && g.strides() == in->strides() &&
-                      g.element_size() == in->element_size(),
-                  "fastkd::kd_fwd: ", gname, " overlaps an input without being exactly that input");
-    }
-  }
 }
 
 double log_or_ninf(double w) { return w > 0.0 ? std::log(w) : -INFINITY; }
@@ -992,57 +961,14 @@ void kd_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const std
                  const std::optional<at::Tensor>& grad_teacher, int64_t divergence, double temperature, double beta,
                  double skew, int64_t ignore_index, double soft_weight, double hard_weight, bool scale_temperature,
                  double softcap) {
-  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3,
-              "fastkd::kd_fwd: student and teacher must be 3-D [B, R, V], got ", student.sizes(), " and ",
-              teacher.sizes());
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd::kd_fwd: student ", student.sizes(), " and teacher ",
-              teacher.sizes(), " must have the same shape");
-  TORCH_CHECK(student.is_cuda() && teacher.device() == student.device(),
-              "fastkd::kd_fwd: student and teacher must be CUDA tensors on one device, got ", student.device(),
-              " and ", teacher.device());
+  // The CPU kernel also rejects labels outside [0, V) that are not ignore_index; here that would
+  // be a device-to-host sync, so the kernel gives such a row a NaN loss and gradient.
+  const checks::KdShape shape =
+      checks::check_kd_args(student, teacher, labels, loss, grad_student, grad_teacher, divergence, temperature, beta,
+                            skew, hard_weight, softcap, c10::DeviceType::CUDA);
+  const int64_t B = shape.B, R = shape.R, V = shape.V, N = shape.N;
+  const bool wide = shape.wide;
   const at::ScalarType ts = student.scalar_type(), tt = teacher.scalar_type();
-  TORCH_CHECK(is_float_type(ts) && is_float_type(tt),
-              "fastkd::kd_fwd: student and teacher must be float32, float16, bfloat16 or float64, got ", ts, " and ",
-              tt);
-  const bool wide = ts == at::kDouble || tt == at::kDouble;  // float64 math and a float64 loss
-  const at::ScalarType loss_type = wide ? at::kDouble : at::kFloat;
-  const int64_t B = student.size(0), R = student.size(1), V = student.size(2), N = B * R;
-  TORCH_CHECK(V >= 1, "fastkd::kd_fwd: the vocabulary (last) dim must be non-empty");
-  TORCH_CHECK((V <= 1 || student.stride(2) == 1) && (V <= 1 || teacher.stride(2) == 1),
-              "fastkd::kd_fwd: student and teacher must be contiguous in their last dim (strides ", student.strides(),
-              " and ", teacher.strides(), ")");
-  TORCH_CHECK(loss.device() == student.device() && loss.scalar_type() == loss_type && loss.dim() == 2 &&
-                  loss.size(0) == B && loss.size(1) == R,
-              "fastkd::kd_fwd: loss must be a ", loss_type, " tensor on ", student.device(), " of shape [", B, ", ",
-              R, "] (float64 exactly when an input is float64), got ", loss.scalar_type(), " ", loss.sizes(), " on ",
-              loss.device());
-  TORCH_CHECK(divergence >= 0 && divergence <= 5, "fastkd::kd_fwd: divergence code must be in 0..5, got ",
-              divergence);
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "fastkd::kd_fwd: temperature must be > 0, got ",
-              temperature);
-  TORCH_CHECK(divergence != kJSD || (beta > 0.0 && beta < 1.0),
-              "fastkd::kd_fwd: jsd needs 0 < beta < 1 (beta 0 and 1 map to forward/reverse KL), got ", beta);
-  TORCH_CHECK((divergence != kSkewForwardKL && divergence != kSkewReverseKL) || (skew >= 0.0 && skew <= 1.0),
-              "fastkd::kd_fwd: skew must be in [0, 1], got ", skew);
-  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fastkd::kd_fwd: softcap must be >= 0 (0: none), got ",
-              softcap);
-  TORCH_CHECK(hard_weight == 0.0 || labels.has_value(), "fastkd::kd_fwd: hard_weight != 0 needs labels");
-  if (labels.has_value()) {
-    // The CPU kernel also rejects labels outside [0, V) that are not ignore_index; here that
-    // would be a device-to-host sync, so the kernel gives such a row a NaN loss and gradient.
-    const at::Tensor& L = *labels;
-    TORCH_CHECK(L.device() == student.device() && L.scalar_type() == at::kLong && L.dim() == 2 && L.size(0) == B &&
-                    L.size(1) == R,
-                "fastkd::kd_fwd: labels must be an int64 tensor on ", student.device(), " of shape [", B, ", ", R,
-                "], got ", L.scalar_type(), " ", L.sizes(), " on ", L.device());
-  }
-  if (grad_student.has_value()) check_grad_buffer(*grad_student, student, "grad_student", "student", teacher);
-  if (grad_teacher.has_value()) check_grad_buffer(*grad_teacher, teacher, "grad_teacher", "teacher", student);
-  if (grad_student.has_value() && grad_teacher.has_value()) {
-    auto a = byte_range(*grad_student), b = byte_range(*grad_teacher);
-    TORCH_CHECK(!(a.first < b.second && b.first < a.second) || grad_student->numel() == 0,
-                "fastkd::kd_fwd: grad_student and grad_teacher overlap");
-  }
   if (N == 0) return;
 
   const c10::cuda::CUDAGuard guard(student.device());
