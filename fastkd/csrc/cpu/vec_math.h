@@ -17,6 +17,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../kd_checks.h"
+
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -417,14 +419,7 @@ inline void store_fence() {
 
 inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
-// Byte range [lo, hi) a strided tensor may touch.
-inline std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-  if (t.numel() == 0) return {lo, lo};
-  int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  return {lo, lo + (last + 1) * t.element_size()};
-}
+using checks::byte_range;  // ../kd_checks.h: shared with the CUDA kernels
 
 // ---------------------------------------------------------------------------------------------
 // Scalar float64: the float64 paths (an input is float64: gradcheck, debugging). Plain loops over
