@@ -17,6 +17,9 @@ it runs over, so one hang cannot eat the budget; all output goes to DIR/logs/ an
              (one read of each input, one write of the gradient) and as a fraction of the rooflines,
              after a correctness check of those rows against the reference
   tests-cuda pytest tests/test_native_cuda.py tests/test_cuda_compile.py (the cuda backend's own)
+  tune       fastkd.autotune_backends(): triton vs cuda per family (kd, sparse_kd, attention_map,
+             rkd_distance), dtype and size class; writes DIR/tuning.json in the format of
+             fastkd/tuning/*.json (commit it there to ship the choices for this GPU)
   bench      python -m fastkd.bench --full --json DIR/bench-full.json (table in DIR/bench-full.txt)
   tests      the rest of the pytest suite, one process per file (kd files first), each with a
              share of the remaining budget; FASTKD_REQUIRE_BACKENDS=torch,cpp,triton,cuda, so a
@@ -33,6 +36,11 @@ On a machine lent for 30 minutes with at most 10 per command, three commands cov
     python benchmarks/gpu_report.py --out $OUT --stages env,bench --budget-s 540
     python benchmarks/gpu_report.py --out $OUT --stages env,tests --budget-s 540
 then, on any machine: --summarize <the three fetched folders> --out <folder>.
+
+Liger-Kernel is pure Python but not installed on a machine without network: download its wheel
+beforehand (`pip download liger-kernel --no-deps -d benchmarks/wheels`, a git-ignored folder that
+must travel with the tree) and pass `--wheels benchmarks/wheels`; the wheels are installed into a
+temporary folder on PYTHONPATH for this invocation only, so the benchmarks include Liger.
 """
 from __future__ import annotations
 
@@ -50,9 +58,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = "fastkd.gpu_report/1"
-STAGES = ("env", "build", "roofline", "kd-target", "tests-cuda", "bench", "tests")
+STAGES = ("env", "build", "roofline", "kd-target", "tests-cuda", "tune", "bench", "tests")
 # the most a stage may take (it gets less when the budget has less left)
-STAGE_CAP_S = {"env": 90, "build": 480, "roofline": 180, "kd-target": 240, "tests-cuda": 360,
+STAGE_CAP_S = {"env": 90, "build": 480, "roofline": 180, "kd-target": 240, "tests-cuda": 360, "tune": 300,
                "bench": 540, "tests": 540}
 CUDA_TEST_FILES = ("tests/test_native_cuda.py", "tests/test_cuda_compile.py")
 # the rest of the suite, most relevant first; files not listed run after these, by name
@@ -240,7 +248,27 @@ def child_kd_target() -> dict:
     return out
 
 
-CHILDREN = {"env": child_env, "build": child_build, "roofline": child_roofline, "kd-target": child_kd_target}
+def child_tune() -> dict:
+    """Triton vs cuda for every class fastkd measures; the table in the shipped format."""
+    import torch
+
+    import fastkd
+    from fastkd import _tuning
+
+    t0 = time.perf_counter()
+    results = fastkd.autotune_backends(save=False)
+    dev = _tuning.device_key(torch.cuda.current_device())
+    table = {dev: results}
+    out_dir = os.environ.get("FASTKD_REPORT_OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "tuning.json"), "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+    return {"device_key": dev, "seconds": round(time.perf_counter() - t0, 1), "classes": results,
+            "note": "empty when a family lacks either GPU backend here"}
+
+
+CHILDREN = {"env": child_env, "build": child_build, "roofline": child_roofline, "kd-target": child_kd_target,
+            "tune": child_tune}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,6 +450,25 @@ def stage_tests(runner: Runner, files: list, label: str) -> dict:
                      + ",".join(not_run) if not_run else None}
 
 
+def _install_wheels(runner: "Runner", folder: str) -> None:
+    """pip-installs every wheel in ``folder`` (no deps, no index) into a temporary folder that
+    the stages see on PYTHONPATH; the machine's environment is left as it was."""
+    import tempfile
+
+    wheels = sorted(glob.glob(os.path.join(folder, "*.whl")))
+    if not wheels:
+        runner.log(f"--wheels {folder}: no wheels there; going on without them")
+        return
+    target = tempfile.mkdtemp(prefix="fastkd-report-wheels-")
+    rc, took, _ = runner.run("wheels", [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
+                                        "--target", target, *wheels], 120)
+    if rc == 0:
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (target, os.environ.get("PYTHONPATH")) if p)
+        runner.log(f"wheels installed for this run: {', '.join(os.path.basename(w) for w in wheels)}")
+    else:
+        runner.log(f"wheels: pip failed (rc={rc}); going on without them")
+
+
 def plan(stages: list, budget: float, test_files: list | None) -> list:
     """[(stage, description, cap seconds)] in run order."""
     desc = {
@@ -430,6 +477,7 @@ def plan(stages: list, budget: float, test_files: list | None) -> list:
         "roofline": "copy and a+b->c bandwidth (1 GiB), bf16 GEMM 8192^3",
         "kd-target": f"kd_fwd N={KD_N} V={KD_V} bf16: cuda vs triton, TB/s, checked vs reference",
         "tests-cuda": "pytest " + " ".join(CUDA_TEST_FILES),
+        "tune": "fastkd.autotune_backends(): triton vs cuda per family/dtype/size -> DIR/tuning.json",
         "bench": "python -m fastkd.bench --full --json DIR/bench-full.json --no-progress",
         "tests": "pytest, one process per file: " + " ".join(os.path.basename(f) for f in
                                                              (test_files or _test_files())),
@@ -534,6 +582,20 @@ def summarize(stages: dict) -> tuple:
         if st.get("not_run"):
             md += ["", f"not run (budget): {', '.join(st['not_run'])}; rerun: `{st.get('rerun')}`"]
         md.append("")
+    tune = stages.get("tune")
+    if tune:
+        res = tune.get("result") or {}
+        md += ["## tune: triton vs cuda per shape class (`fastkd.autotune_backends()`)", ""]
+        if not res:
+            md += [f"- stage failed: rc={tune.get('rc')} timed_out={tune.get('timed_out')}; see {tune.get('log')}", ""]
+        else:
+            md += [f"device key `{res.get('device_key')}`, {res.get('seconds')} s; "
+                   "to ship: copy DIR/tuning.json to fastkd/tuning/<gpu>.json", "",
+                   "| class (family, dtype, size bucket) | chosen | ms per backend |", "|---|---|---|"]
+            for key, entry in sorted((res.get("classes") or {}).items()):
+                ms = ", ".join(f"{b} {t:.3f}" for b, t in sorted(entry.get("ms", {}).items()))
+                md.append(f"| {key} | {entry.get('backend')} | {ms} |")
+            md.append("")
     be = stages.get("bench")
     if be:
         md += ["## Benchmarks: `python -m " + be.get("command", "fastkd.bench --full") + "`",
@@ -571,6 +633,7 @@ def main(argv=None) -> int:
     ap.add_argument("--test-files", help="tests stage: comma-separated files instead of the whole suite")
     ap.add_argument("--dry-run", action="store_true", help="print the stages that would run, and exit")
     ap.add_argument("--summarize", nargs="+", metavar="DIR", help="merge these output folders into --out; no GPU")
+    ap.add_argument("--wheels", metavar="DIR", help="install these wheels (e.g. liger-kernel) for this run only")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -612,6 +675,9 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     runner = Runner(args.out, args.budget_s)
+    os.environ["FASTKD_REPORT_OUT"] = os.path.abspath(args.out)
+    if args.wheels:
+        _install_wheels(runner, args.wheels)
     runner.log(f"gpu_report: stages {','.join(stages)}, budget {args.budget_s:.0f}s, out {os.path.abspath(args.out)}")
     for name, _, cap in plan(stages, args.budget_s, test_files):
         left = runner.left()

@@ -22,3 +22,6 @@ __all__ += ["attention_transfer_loss", "AttentionTransferLoss", "attention_map_l
 from ._buffers import cpu_cache_info, empty_cache  # noqa: E402
 
 __all__ += ["empty_cache", "cpu_cache_info"]
+from ._tuning import autotune_backends  # noqa: E402
+
+__all__ += ["autotune_backends"]

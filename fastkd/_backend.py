@@ -36,8 +36,10 @@ FAMILIES: Dict[str, tuple] = {
 }
 
 # Automatic choice, fastest first. The triton interpreter is for tests only, never automatic.
-# On CUDA, triton comes before cuda until the CUDA kernels have run and been timed on a GPU:
-# the Triton kernels at least run in CI (interpreted); the CUDA ones have only been compiled.
+# On CUDA, where a family has both GPU kernels, the choice per shape class is measured
+# (fastkd/_tuning.py); this order is the fallback where no measurement may run (tracing, CUDA
+# graph capture, FASTKD_AUTOTUNE=0 without a recorded choice). Triton first there: the Triton
+# kernels at least run in CI (interpreted), the CUDA ones have only been compiled so far.
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 
@@ -100,26 +102,43 @@ def available_backends(device="cpu", family: str = "kd") -> Dict[str, Optional[s
     return {b: reason(b, family, device_type) for b in BACKENDS}
 
 
-def choose(family: str, device: torch.device, backend: Optional[str] = None) -> str:
-    """The backend to run ``family`` with on ``device``: forced, from the environment, or auto."""
+def choose(family: str, device: torch.device, backend: Optional[str] = None,
+           dtype: Optional[torch.dtype] = None, size: Optional[int] = None) -> str:
+    """The backend to run ``family`` with on ``device``: forced, from the environment, or auto.
+
+    ``dtype`` and ``size`` (the family's class size, see ``fastkd._tuning.SIZE_OF``) let the
+    automatic choice on CUDA take whichever of triton and cuda measured faster for that class.
+    """
     forced = backend if backend is not None else (os.environ.get("FASTKD_BACKEND") or None)
-    return _choose(family, device.type, forced, backend is not None)
+    index = None
+    if device.type == "cuda" and forced is None and size is not None:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return _choose(family, device.type, forced, backend is not None, index, dtype,
+                   None if size is None else int(size))
 
 
 # torch.compile evaluates this once while tracing and keeps the answer as a constant, instead
-# of tracing into the native loader (file system, compiler, locks).
+# of tracing into the native loader (file system, compiler, locks) or the tuning table.
 @torch.compiler.assume_constant_result
-def _choose(family: str, device_type: str, forced: Optional[str], from_argument: bool) -> str:
+def _choose(family: str, device_type: str, forced: Optional[str], from_argument: bool,
+            device_index: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+            size: Optional[int] = None) -> str:
     if forced is not None:
         why = reason(forced, family, device_type)
         if why is not None:
             source = "backend=" if from_argument else "FASTKD_BACKEND="
             raise RuntimeError(f"{source}{forced!r} cannot run {family} here: {why}")
         return forced
-    for name in _AUTO_ORDER.get(device_type, ("torch",)):
-        if reason(name, family, device_type) is None:
-            return name
-    return "torch"
+    ready = [name for name in _AUTO_ORDER.get(device_type, ("torch",))
+             if reason(name, family, device_type) is None]
+    gpu = [name for name in ready if name in ("triton", "cuda")]
+    if device_index is not None and dtype is not None and len(gpu) > 1:
+        from . import _tuning
+
+        picked = _tuning.pick(family, device_index, dtype, size, gpu)
+        if picked is not None:
+            return picked
+    return ready[0] if ready else "torch"
 
 
 def op(family: str, backend: str) -> Callable:

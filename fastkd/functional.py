@@ -356,7 +356,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         name, total = _vocab_parallel("kd", process_group, backend, vocab_size, vocab,
                                       student_logits.device)
     else:
-        name, total = _backend.choose("kd", student_logits.device, backend), vocab
+        name, total = _backend.choose("kd", student_logits.device, backend,
+                                      student_logits.dtype, vocab), vocab
     if labels is not None:
         _check_labels(labels, student_logits.shape[:-1], student_logits.device, total,
                       ignore_index, check_range=hard_label_weight != 0.0)
@@ -450,7 +451,8 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
         name, total = _vocab_parallel("sparse_kd", process_group, backend, None, vocab,
                                       student_logits.device)
     else:
-        name, total = _backend.choose("sparse_kd", student_logits.device, backend), vocab
+        name, total = _backend.choose("sparse_kd", student_logits.device, backend,
+                                      student_logits.dtype, vocab), vocab
     _check_sparse_teacher(teacher_indices, teacher_values, lead, total, tail, validate)
     if labels is not None:
         _check_labels(labels, lead, student_logits.device, total, ignore_index,
@@ -534,7 +536,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     if process_group is not None:
         name, total = _vocab_parallel("kd", process_group, backend, vocab_size, vocab, dev)
     else:
-        name, total = _backend.choose("kd", dev, backend), vocab
+        name, total = _backend.choose("kd", dev, backend, student_hidden.dtype, vocab), vocab
     if labels is not None:
         _check_labels(labels, lead, dev, total, ignore_index, check_range=hard_w != 0.0)
 
@@ -651,7 +653,7 @@ def _global_batch(student, teacher, process_group):
 
 
 def _relational(family: str, student, teacher, backend, params) -> torch.Tensor:
-    name = _backend.choose(family, student.device, backend)
+    name = _backend.choose(family, student.device, backend, student.dtype, student.shape[0])
     need_gs = torch.is_grad_enabled() and student.requires_grad
     return _RelationalFunction.apply(student, teacher.detach(), family, name, need_gs, params)
 
@@ -1037,7 +1039,7 @@ def attention_map_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor, *
     mask = _check_attention_mask(attention_mask, B, L, student_attn.device)
     scores = inputs == "scores"
     teacher, t_scores = _map_teacher_heads(teacher_attn.detach(), groups, mask, kind, scores)
-    name = _backend.choose("attention_map", student_attn.device, backend)
+    name = _backend.choose("attention_map", student_attn.device, backend, student_attn.dtype, L)
     need_gs = torch.is_grad_enabled() and student_attn.requires_grad
     denom = None
     if reduction == "batchmean":

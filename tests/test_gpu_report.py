@@ -106,6 +106,9 @@ def test_summary_merges_runs(gr, tmp_path):
     })
     _fake_run(run2, {
         "env": env,
+        "tune": {"rc": 0, "result": {"device_key": "NVIDIA H100 80GB HBM3|fastkd 0.1.0", "seconds": 40.0,
+                                     "classes": {"kd|bfloat16|131072": {"backend": "cuda",
+                                                                        "ms": {"cuda": 0.61, "triton": 0.85}}}}},
         "bench": {"rc": 0, "seconds": 300, "command": "fastkd.bench --full --json x", "json": "bench-full.json",
                   "table": "bench-full.txt"},
         "tests": {"files": {"tests/test_readme.py": {"passed": 3, "failed": 0, "errors": 0, "skipped": 0,
@@ -121,4 +124,5 @@ def test_summary_merges_runs(gr, tmp_path):
     assert "| forward_kl | cuda | 2.500 | 2.52 | 84% | 81% |" in md  # of copy, of a+b->c
     assert "error: RuntimeError: boom" in md and "fastkd[cuda] 2.6" in md
     assert summary["stages"]["tests"]["total"] == {"passed": 13, "failed": 1, "errors": 0, "skipped": 2}
+    assert "| kd|bfloat16|131072 | cuda | cuda 0.610, triton 0.850 |" in md
     assert "tests-cuda: `python benchmarks/gpu_report.py" in md  # the one stage neither run has
