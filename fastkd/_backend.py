@@ -77,6 +77,21 @@ def _native_reason(family: str, device_type: str) -> Optional[str]:
     return None
 
 
+def lacks_kernel(backend: str, family: str) -> bool:
+    """True when ``backend`` works here but has no kernel for ``family`` (as opposed to a backend
+    that failed to install or build): the tests skip the first and, where a backend is
+    required, fail on the second."""
+    if backend == "triton":
+        module = FAMILIES[family][0].replace("fastkd.reference.", "fastkd.triton.")
+        return importlib.util.find_spec("triton") is not None and importlib.util.find_spec(module) is None
+    if backend == "cuda":
+        from . import _native
+
+        return (_native.load() and _native.cuda_reason() == "" and _native.has_op(FAMILIES[family][1])
+                and not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastkd::{FAMILIES[family][1]}", "CUDA"))
+    return False
+
+
 def reason(backend: str, family: str, device_type: str) -> Optional[str]:
     """None when ``backend`` can run ``family`` on ``device_type`` tensors, else why not."""
     if backend not in BACKENDS:

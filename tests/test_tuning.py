@@ -154,3 +154,15 @@ def test_representative_cases_have_the_class_size():
 def test_autotune_backends_checks_its_arguments():
     with pytest.raises(ValueError, match="device must be a CUDA device"):
         fastkd.autotune_backends("cpu")
+
+
+def test_lacks_kernel_tells_a_missing_family_kernel_from_a_broken_backend(monkeypatch):
+    """FASTKD_REQUIRE_BACKENDS turns skips into failures only for a broken backend."""
+    assert not _backend.lacks_kernel("triton", "kd")
+    assert not _backend.lacks_kernel("cpp", "kd")
+    monkeypatch.setitem(_backend.FAMILIES, "made_up", ("fastkd.reference.made_up", "made_up_fwd"))
+    assert _backend.lacks_kernel("triton", "made_up") == (
+        __import__("importlib").util.find_spec("triton") is not None)
+    # on a torch without CUDA the cuda backend is unavailable as a whole, not per family
+    if not torch.version.cuda:
+        assert not _backend.lacks_kernel("cuda", "kd")
