@@ -108,3 +108,18 @@ def test_kd_kernels_do_not_spill(toolchain):
     assert len(fixed) == 18
     for name, regs, spill_st, spill_ld in fixed:
         assert regs <= 80 and spill_st == 0 and spill_ld == 0, (name, regs, spill_st, spill_ld)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(CSRC, "cuda", "sparse.cu")), reason="no sparse CUDA kernel")
+def test_sparse_kernels_do_not_spill(toolchain):
+    """The sparse_kd kernels of the float32/float16/bfloat16 student (the hot path) stay within 80
+    registers (three CTAs of 256 threads per SM, see sparse.cu) without spilling; the float64 one
+    (gradcheck, debugging) does not spill either."""
+    rc, log = _compile(toolchain, os.path.join(CSRC, "cuda", "sparse.cu"))
+    assert rc == 0, log[-3000:]
+    kernels = [k for k in _kernels(log) if "sparse_kd_fwd_kernel" in k[0]]
+    assert len(kernels) == 4, [k[0] for k in kernels]
+    for name, regs, spill_st, spill_ld in kernels:
+        assert spill_st == 0 and spill_ld == 0, (name, regs, spill_st, spill_ld)
+        assert "Dyn" in name or regs <= 80, (name, regs)
+

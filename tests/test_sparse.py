@@ -8,7 +8,7 @@ import fastkd
 from conftest import HAS_CUDA, skip_unless_available
 from test_divergences import DIVS, DTYPES, assert_close, oracle_divergence, oracle_finish
 
-BACKENDS = ["torch", "cpp", "triton"]
+BACKENDS = ["torch", "cpp", "triton", "cuda"]
 
 
 def sparse_oracle(z, idx, vals, labels=None, divergence="forward_kl", temperature=1.0,
