@@ -123,3 +123,21 @@ def test_sparse_kernels_do_not_spill(toolchain):
         assert spill_st == 0 and spill_ld == 0, (name, regs, spill_st, spill_ld)
         assert "Dyn" in name or regs <= 80, (name, regs)
 
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(CSRC, "cuda", "relational.cu")), reason="no relational CUDA kernel")
+def test_relational_kernels_do_not_spill(toolchain):
+    """The RKD distance kernels do not spill; the tile kernels (64 x 64 Gram tiles, 4 x 4 entries
+    per thread) of float32 arithmetic (float32, float16 and bfloat16 inputs) stay within 128
+    registers, two CTAs of 256 threads per SM (their launch bounds); float64 ones may use more."""
+    rc, log = _compile(toolchain, os.path.join(CSRC, "cuda", "relational.cu"))
+    assert rc == 0, log[-3000:]
+    kernels = [k for k in _kernels(log) if "rkd_dist_" in k[0]]
+    for name, regs, spill_st, spill_ld in kernels:
+        assert spill_st == 0 and spill_ld == 0, (name, regs, spill_st, spill_ld)
+    tiles = [k for k in kernels if "sums_kernel" in k[0] or "grad_kernel" in k[0]]
+    assert len(tiles) == 6, [k[0] for k in tiles]  # passes 1, 2 and the gradient x float, double
+    fp32 = [k for k in tiles if re.search(r"(sums|grad)_kernelIf", k[0])]
+    assert len(fp32) == 3, [k[0] for k in fp32]
+    for name, regs, _, _ in fp32:
+        assert regs <= 128, (name, regs)
