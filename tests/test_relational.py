@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from conftest import HAS_CUDA, skip_unless_available
+from conftest import HAS_CUDA, requires_cuda, skip_unless_available
 
-BACKENDS = ["torch", "cpp", "triton"]
+# cuda has a kernel for the distance family only: its angle and similarity-preserving cases skip
+# (skip_unless_available with the case's family)
+BACKENDS = ["torch", "cpp", "triton", "cuda"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.8e-3, torch.float16: 9.8e-4, torch.float64: 2.2e-16}
 LOSSES = ["distance", "angle", "sp"]
@@ -68,6 +70,13 @@ KW = {"distance": dict(huber_delta=0.7), "angle": dict(huber_delta=0.6), "sp": {
 
 
 # ----------------------------------------------------------------------------- helpers
+def _reason(backend, family, device):
+    """None when ``backend`` runs ``family`` on ``device`` tensors here, else why not."""
+    import fastkd._backend as B
+
+    return B.reason(backend, family, torch.device(device).type)
+
+
 def make_pair(n, ds, dt, dtype, device, seed=0, dups=False, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(n, ds, generator=g, dtype=torch.float64) * scale + 0.5
@@ -104,7 +113,10 @@ def assert_close(actual, expected, dtype, what, rel32=4e-6, atol=1e-7):
 
 def _shape(loss, backend):
     """Odd sizes that cross each backend's tiles: cpp strips of 64 rows (angle blocks of <= 64),
-    triton tiles of 16."""
+    triton tiles of 16, cuda tiles of 64 (150 rows: 3 row blocks, the gradient split 3 ways;
+    D = 45 pads to 48)."""
+    if backend == "cuda":
+        return (150, 45, 17)
     if backend == "triton":
         return (21, 19, 40) if loss == "angle" else (37, 45, 17)
     if backend == "cpp":
@@ -178,19 +190,24 @@ def test_huber_delta_and_eps(backend):
     out, ref, g, rg = run_both("distance", s, t, backend, huber_delta=0.0)
     assert_close(out, ref, torch.float32, "distance L1")
     assert_close(g, rg, torch.float32, "distance L1 grad")
+    if _reason(backend, "rkd_angle", device) is not None:
+        return  # no angle kernel in this backend (cuda): the distance part above is this test's
     out, ref, g, rg = run_both("angle", s[:9], t[:9], backend, huber_delta=0.0)
     assert_close(out, ref, torch.float32, "angle L1")
     assert_close(g, rg, torch.float32, "angle L1 grad", atol=1e-6)
 
 
 @pytest.mark.parametrize("huber_delta", [50.0, 0.05, 0.0], ids=["quadratic", "mixed", "l1"])
-def test_distance_paths_across_tiles(huber_delta):
+@pytest.mark.parametrize("backend", ["cpp", "cuda"])
+def test_distance_paths_across_tiles(backend, huber_delta):
     """The cpp distance kernel takes a closed form when every pair sits in smooth-L1's
     quadratic part, a correction sweep when some do not, and its own sweep for L1: each one
-    at a size that crosses its 64 x 128 tiles, against the float64 oracle."""
-    device = skip_unless_available("cpp", "rkd_distance")
+    at a size that crosses its 64 x 128 tiles, against the float64 oracle. The cuda kernel at
+    the same size: 5 x 5 tiles of 64 (15 upper-triangle tiles in its scalar sweeps) and its
+    gradient split 5 ways."""
+    device = skip_unless_available(backend, "rkd_distance")
     s, t = make_pair(263, 45, 17, torch.float32, device, seed=12, dups=huber_delta != 0.0)
-    out, ref, g, rg = run_both("distance", s, t, "cpp", huber_delta=huber_delta)
+    out, ref, g, rg = run_both("distance", s, t, backend, huber_delta=huber_delta)
     assert_close(out, ref, torch.float32, f"distance delta={huber_delta}")
     assert_close(g, rg, torch.float32, f"distance grad delta={huber_delta}")
 
@@ -232,11 +249,12 @@ def test_rkd_loss_is_the_weighted_sum(backend):
     assert torch.equal(only, out)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_deterministic(backend, loss):
     device = skip_unless_available(backend, FAMILY[loss])
-    s, t = make_pair(40 if backend == "cpp" else 20, 9, 5, torch.float32, device, seed=9)
+    n = {"cpp": 40, "triton": 20, "cuda": 150}[backend]
+    s, t = make_pair(n, 9, 5, torch.float32, device, seed=9)
     res = []
     for _ in range(2):
         x = s.clone().requires_grad_()
@@ -257,7 +275,7 @@ def test_gradcheck_float64(backend, loss):
 
 
 def _op(backend, loss):
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):
         return getattr(torch.ops.fastkd, OPS[loss])
     import fastkd.triton.relational  # noqa: F401  (registers the fastkd_triton ops)
     return getattr(torch.ops.fastkd_triton, OPS[loss])
@@ -265,7 +283,7 @@ def _op(backend, loss):
 
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 def test_opcheck(backend, loss, grad):
     device = skip_unless_available(backend, FAMILY[loss])
     s, t = make_pair(5, 4, 3, torch.float32, device, seed=11)
@@ -274,7 +292,7 @@ def test_opcheck(backend, loss, grad):
     torch.library.opcheck(_op(backend, loss), args)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "cuda"])
 def test_torch_compile_fullgraph(backend):
     device = skip_unless_available(backend, "rkd_distance")
     if backend == "triton" and not HAS_CUDA:
@@ -285,12 +303,15 @@ def test_torch_compile_fullgraph(backend):
         def __init__(self):
             super().__init__()
             self.head = torch.nn.Linear(6, 8)
-            self.rkd = fastkd.RKDLoss(backend=backend)
-            self.sp = fastkd.SimilarityPreservingLoss(backend=backend)
+            # cuda: the distance loss alone (its one relational kernel)
+            self.rkd = (fastkd.RKDDistanceLoss(backend=backend) if backend == "cuda"
+                        else fastkd.RKDLoss(backend=backend))
+            self.sp = None if backend == "cuda" else fastkd.SimilarityPreservingLoss(backend=backend)
 
         def forward(self, h, teacher):
             e = self.head(h)
-            return self.rkd(e, teacher) + self.sp(e, teacher)
+            out = self.rkd(e, teacher)
+            return out if self.sp is None else out + self.sp(e, teacher)
 
     torch.manual_seed(0)
     m = Distill().to(device)
@@ -419,3 +440,29 @@ def test_cpp_memory_is_not_quadratic():
     peaks = json.loads(r.stdout.strip().splitlines()[-1])
     for name, peak in peaks.items():
         assert peak < 16 * 2**20, f"{name}: peak {peak / 2**20:.1f} MiB (an N x N matrix is 64 MiB)"
+
+
+@requires_cuda
+def test_cuda_distance_memory_is_not_quadratic():
+    """The issue's case in small: N = 4096 on the GPU, where one N x N float32 matrix is 64 MiB
+    and the kernel needs O(N D) (centred copies, the gradient accumulator split 4 ways: ~5 MiB
+    here). At this size the scalar sweeps spread 2080 tiles over 1024 CTAs: loss and gradient
+    against the float64 reference (the test's oracle would build N x N x D differences)."""
+    from fastkd.reference.relational import rkd_distance_fwd as reference
+
+    skip_unless_available("cuda", "rkd_distance")
+    n = 4096
+    s, t = make_pair(n, 40, 24, torch.float32, "cuda", seed=13, dups=True)
+    x = s.clone().requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fastkd.rkd_distance_loss(x, t, huber_delta=0.7, backend="cuda")
+    out.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB (an N x N matrix is 64 MiB)"
+    loss, g = torch.empty((), dtype=torch.float64), torch.empty(n, 40, dtype=torch.float64)
+    reference(s.double().cpu(), t.double().cpu(), loss, g, 1e-12, 0.7)
+    assert_close(out, loss, torch.float32, "loss", rel32=2e-5)
+    assert_close(x.grad, g, torch.float32, "grad student", rel32=2e-5)
