@@ -15,6 +15,7 @@ import fastkd
 from conftest import HAS_CUDA, skip_unless_available
 
 BACKENDS = ["torch", "cpp", "triton"]
+MAP_BACKENDS = BACKENDS + ["cuda"]  # attention maps have a CUDA kernel (csrc/cuda/attention.cu)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.8e-3, torch.float16: 9.8e-4, torch.float64: 2.2e-16}
 MASKS = ["none", "right", "left", "empty"]  # padding modes; "empty": one sequence fully padded
@@ -257,7 +258,7 @@ def test_transfer_large_map_and_zero_features(backend):
 def _map_params():
     out = []
     i = 0
-    for b in BACKENDS:
+    for b in MAP_BACKENDS:
         for kind in ("kl", "mse"):
             for inputs in ("probs", "scores"):
                 for mask in MASKS:
@@ -297,7 +298,7 @@ def test_map_matches_oracle(backend, kind, inputs, mask_mode, dtype):
         assert (g[~m[:, None, None, :].expand_as(g)] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MAP_BACKENDS)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("kind,inputs", [("kl", "scores"), ("mse", "probs")])
 def test_map_reductions(backend, reduction, kind, inputs):
@@ -311,7 +312,7 @@ def test_map_reductions(backend, reduction, kind, inputs):
           [s], backend, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MAP_BACKENDS)
 @pytest.mark.parametrize("kind,inputs", [("kl", "scores"), ("kl", "probs"), ("mse", "scores")])
 @pytest.mark.parametrize("head_map", [[3, 0], [[0, 1], [2, 3, 4]], [4, [1, 3]]])
 def test_map_head_map(backend, kind, inputs, head_map):
@@ -342,7 +343,7 @@ def test_map_triton_rows_in_several_chunks(monkeypatch, kind, inputs):
           lambda a: oracle_map(a, t.double().cpu(), kind, inputs, mask), [s], "triton", torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MAP_BACKENDS)
 def test_map_tinybert_additive_mask(backend):
     """Scores carrying HF's additive mask (finfo.min, -10000, -inf) compare as 0 in mse (TinyBERT)
     and drop out of the softmax in kl, with or without attention_mask."""
@@ -363,7 +364,7 @@ def test_map_tinybert_additive_mask(backend):
                   torch.float32, what=f"{kind} mask={m is not None}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MAP_BACKENDS)
 def test_map_strided_input(backend):
     """Maps read through strides (a head slice of a bigger tensor) without a copy."""
     device = skip_unless_available(backend, "attention_map")
@@ -374,6 +375,110 @@ def test_map_strided_input(backend):
     check(lambda a, be: fastkd.attention_map_loss(a[:, ::2, :, :13], t, inputs="scores", backend=be),
           lambda a: oracle_map(a[:, ::2, :, :13], t.double().cpu(), "kl", "scores"), [big_s], backend,
           torch.float32)
+
+
+# csrc/cuda/attention.cu lays a query row out by L and dtype: sub-warp groups (L <= 64, <= 128),
+# a warp with 1, 2 or 4 octets per lane (<= 256, <= 512, <= 1024; 2 for mixed dtypes and float64),
+# one CTA per row beyond. FASTKD_CUDA_MAP_CTA_THREADS=n forces the CTA layout with n threads: with
+# 32 threads a row of 1100 spans several tiles, which the second pass re-reads from memory.
+_F32, _BF16, _F16, _F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+
+
+@pytest.mark.parametrize("L,cta", [(40, None), (100, None), (200, None), (300, None), (520, None),
+                                   (1500, None), (37, "64"), (1100, "32")],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtypes", [(_F32, _F32), (_BF16, _BF16), (_F16, _F16), (_BF16, _F32),
+                                    (_F64, _F64)],
+                         ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+def test_map_cuda_layouts(monkeypatch, L, cta, dtypes):
+    device = skip_unless_available("cuda", "attention_map")
+    if cta is not None:
+        monkeypatch.setenv("FASTKD_CUDA_MAP_CTA_THREADS", cta)
+    ds, dt = dtypes
+    B, H = 2, 1
+    mask = make_mask(B, L, "left", seed=40)
+    for kind, inputs in (("kl", "scores"), ("kl", "probs"), ("mse", "scores"), ("mse", "probs")):
+        if (kind, inputs, ds) == ("kl", "probs", _F16) and L > 128:
+            continue  # -p/s of long rows' tiny fp16 probabilities overflows fp16 in every backend
+        s, _ = _maps(kind, inputs, (B, H, L, L), ds, device, 41)
+        _, t = _maps(kind, inputs, (B, H, L, L), dt, device, 42)
+        s, t = poison_padding(s, mask, "map"), poison_padding(t, mask, "map")
+        check(lambda a, be: fastkd.attention_map_loss(a, t, kind=kind, inputs=inputs,
+                                                      attention_mask=mask.to(device), backend=be),
+              lambda a: oracle_map(a, t.double().cpu(), kind, inputs, mask), [s], "cuda", ds,
+              what=f"{kind}-{inputs}")
+
+
+def test_map_cuda_deterministic_and_inplace(monkeypatch):
+    """Bitwise the same twice; grad_student may be student itself (every entry is read by the
+    thread that writes its gradient, before it writes it)."""
+    device = skip_unless_available("cuda", "attention_map")
+    op = torch.ops.fastkd.attention_map_fwd
+    for L, dtype, cta in ((37, torch.bfloat16, None), (600, torch.float32, None),
+                          (1500, torch.float16, None), (1100, torch.float32, "32")):
+        if cta is not None:
+            monkeypatch.setenv("FASTKD_CUDA_MAP_CTA_THREADS", cta)
+        s, t = _rand((2, 3, L, L), dtype, device, 43, 2.0), _rand((2, 3, L, L), dtype, device, 44, 2.0)
+        mask = make_mask(2, L, "right", seed=45).bool().to(device)
+        for kind, sc, tc in ((0, True, True), (0, True, False), (1, True, True), (1, False, False)):
+            tt = torch.softmax(t.float(), -1).to(dtype) if not tc else t
+            res = []
+            for _ in range(2):
+                loss = torch.empty(2, 3, L, dtype=torch.float32, device=device)
+                g = torch.empty_like(s)
+                op(s, tt, mask, loss, g, kind, sc, tc)
+                res.append((loss, g))
+            assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+            x = s.clone()
+            loss = torch.empty(2, 3, L, dtype=torch.float32, device=device)
+            op(x, tt, mask, loss, x, kind, sc, tc)
+            assert torch.equal(loss, res[0][0]) and torch.equal(x, res[0][1]), (L, kind, sc, tc)
+        monkeypatch.delenv("FASTKD_CUDA_MAP_CTA_THREADS", raising=False)
+
+
+def test_map_cuda_gradcheck_float64():
+    device = skip_unless_available("cuda", "attention_map")
+    mask = make_mask(2, 5, "left", 3).to(device)
+    for kind, inputs in (("kl", "scores"), ("kl", "probs"), ("mse", "scores"), ("mse", "probs")):
+        a, b = _maps(kind, inputs, (2, 2, 5, 5), torch.float64, device, 4)
+        a.requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda x: fastkd.attention_map_loss(x, b, kind=kind, inputs=inputs, attention_mask=mask,
+                                                reduction="none", backend="cuda"), (a,))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_map_cuda_opcheck(grad):
+    device = skip_unless_available("cuda", "attention_map")
+    a, b = _rand((2, 2, 7, 7), torch.float32, device, 3), _rand((2, 2, 7, 7), torch.float32, device, 4)
+    mask = make_mask(2, 7, "right", 5).bool().to(device)
+    torch.library.opcheck(torch.ops.fastkd.attention_map_fwd,
+                          (a, b, mask, torch.empty(2, 2, 7, device=device),
+                           torch.empty_like(a) if grad else None, 0, True, False))
+
+
+def test_map_cuda_argument_errors():
+    """The CPU kernel's checks, naming the argument."""
+    device = skip_unless_available("cuda", "attention_map")
+    op = torch.ops.fastkd.attention_map_fwd
+    s, t = _rand((2, 2, 7, 7), torch.float32, device, 3), _rand((2, 2, 7, 7), torch.float32, device, 4)
+    loss = torch.empty(2, 2, 7, device=device)
+    mask = torch.ones(2, 7, dtype=torch.bool, device=device)
+    cases = [
+        ((s, t[..., :6], None, loss, None, 0, True, True), "teacher"),
+        ((s, t, None, loss, None, 2, True, True), "kind"),
+        ((s, t, None, loss.double(), None, 0, True, True), "loss"),
+        ((s, t, None, loss[..., :6], None, 0, True, True), "loss"),
+        ((s, t, mask[:, :6], loss, None, 0, True, True), "mask"),
+        ((s, t, mask.long(), loss, None, 0, True, True), "mask"),
+        ((s, t, None, loss, torch.empty(2, 2, 7, 6, device=device), 0, True, True), "grad_student"),
+        ((s, t.transpose(-1, -2), None, loss, None, 0, True, True), "teacher"),
+    ]
+    for args, name in cases:
+        with pytest.raises(ValueError, match=name):
+            op(*args)
+    with pytest.raises(TypeError, match="student"):
+        op(s.int(), t, None, loss, None, 0, True, True)
 
 
 # ----------------------------------------------------------------------------- attention relations
