@@ -141,3 +141,22 @@ def test_relational_kernels_do_not_spill(toolchain):
     assert len(fp32) == 3, [k[0] for k in fp32]
     for name, regs, _, _ in fp32:
         assert regs <= 128, (name, regs)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(CSRC, "cuda", "attention.cu")), reason="no attention CUDA kernel")
+def test_attention_map_kernels_do_not_spill(toolchain):
+    """The attention_map kernels hold a row in registers (see attention.cu) without spilling: 28
+    variants (dtypes x layouts). The warp / sub-warp layouts of one fixed dtype, the hot path, stay
+    within 128 registers (two CTAs of 256 threads per SM); the CTA layouts are capped by their
+    launch bounds."""
+    rc, log = _compile(toolchain, os.path.join(CSRC, "cuda", "attention.cu"))
+    assert rc == 0, log[-3000:]
+    kernels = [k for k in _kernels(log) if "attention_map_kernel" in k[0]]
+    assert len(kernels) == 28, [k[0] for k in kernels]
+    for name, regs, spill_st, spill_ld in kernels:
+        assert spill_st == 0 and spill_ld == 0, (name, regs, spill_st, spill_ld)
+    # mangled template arguments end in ..., GS, NO: Li0E is the CTA layout (GS = 0)
+    group = [k for k in kernels if "Dyn" not in k[0] and "Li0ELi" not in k[0]]
+    assert len(group) == 15, [k[0] for k in group]
+    for name, regs, _, _ in group:
+        assert regs <= 128, (name, regs)
