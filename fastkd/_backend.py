@@ -41,6 +41,10 @@ FAMILIES: Dict[str, tuple] = {
 # graph capture, FASTKD_AUTOTUNE=0 without a recorded choice). Triton first there: the Triton
 # kernels at least run in CI (interpreted), the CUDA ones have only been compiled so far.
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+# Families whose CUDA kernel has passed the test suite on a GPU. Only these take part in the
+# measured choice: a kernel that has never run could be fast and wrong. (Empty so far: the CUDA
+# kernels have only been compiled. benchmarks/gpu_report.py's tests and tune stages say which to add.)
+CUDA_VERIFIED: frozenset = frozenset()
 
 
 def _triton_reason(family: str, device_type: str) -> Optional[str]:
@@ -146,7 +150,7 @@ def _choose(family: str, device_type: str, forced: Optional[str], from_argument:
         return forced
     ready = [name for name in _AUTO_ORDER.get(device_type, ("torch",))
              if reason(name, family, device_type) is None]
-    gpu = [name for name in ready if name in ("triton", "cuda")]
+    gpu = [name for name in ready if name == "triton" or (name == "cuda" and family in CUDA_VERIFIED)]
     if device_index is not None and dtype is not None and len(gpu) > 1:
         from . import _tuning
 

@@ -117,6 +117,7 @@ def test_backend_none_takes_the_measured_choice_on_cuda(fresh, monkeypatch):
     backends; otherwise it keeps the static order (triton first)."""
     real = _backend.reason
     monkeypatch.setattr(_backend, "reason", lambda b, fam, dt: None if dt == "cuda" else real(b, fam, dt))
+    monkeypatch.setattr(_backend, "CUDA_VERIFIED", frozenset({"kd", "rkd_angle"}))
     calls = []
     monkeypatch.setattr(_tuning, "measure", _fake_measure({"triton": 3.0, "cuda": 1.0}, calls))
     choose = _backend._choose.__wrapped__ if hasattr(_backend._choose, "__wrapped__") else _backend._choose
@@ -166,3 +167,14 @@ def test_lacks_kernel_tells_a_missing_family_kernel_from_a_broken_backend(monkey
     # on a torch without CUDA the cuda backend is unavailable as a whole, not per family
     if not torch.version.cuda:
         assert not _backend.lacks_kernel("cuda", "kd")
+
+
+def test_an_unverified_cuda_kernel_is_never_measured_into_use(fresh, monkeypatch):
+    """Until a family's CUDA kernel has passed the suite on a GPU, backend=None keeps triton."""
+    real = _backend.reason
+    monkeypatch.setattr(_backend, "reason", lambda b, fam, dt: None if dt == "cuda" else real(b, fam, dt))
+    monkeypatch.setattr(_backend, "CUDA_VERIFIED", frozenset({"kd"}))
+    monkeypatch.setattr(_tuning, "measure", _fake_measure({"triton": 3.0, "cuda": 1.0}, []))
+    choose = _backend._choose.__wrapped__ if hasattr(_backend._choose, "__wrapped__") else _backend._choose
+    assert choose("sparse_kd", "cuda", None, False, 0, torch.bfloat16, 128256) == "triton"
+    assert choose("kd", "cuda", None, False, 0, torch.bfloat16, 128256) == "cuda"
