@@ -16,7 +16,7 @@ it runs over, so one hang cannot eat the budget; all output goes to DIR/logs/ an
   kd-target  issue 8's target: kd_fwd at N=8192, V=128256 bf16, cuda vs triton, in effective TB/s
              (one read of each input, one write of the gradient) and as a fraction of the rooflines,
              after a correctness check of those rows against the reference
-  tests-cuda pytest tests/test_native_cuda.py tests/test_cuda_compile.py (the cuda backend's own)
+  tests-cuda the cuda backend's own test files, then the cuda cases (-k cuda) of the family suites
   tune       fastkd.autotune_backends(): triton vs cuda per family (kd, sparse_kd, attention_map,
              rkd_distance), dtype and size class; writes DIR/tuning.json in the format of
              fastkd/tuning/*.json (commit it there to ship the choices for this GPU)
@@ -62,7 +62,12 @@ STAGES = ("env", "build", "roofline", "kd-target", "tests-cuda", "tune", "bench"
 # the most a stage may take (it gets less when the budget has less left)
 STAGE_CAP_S = {"env": 90, "build": 480, "roofline": 180, "kd-target": 240, "tests-cuda": 360, "tune": 300,
                "bench": 540, "tests": 540}
-CUDA_TEST_FILES = ("tests/test_native_cuda.py", "tests/test_cuda_compile.py")
+# (test_cuda_compile.py is left to the tests stage: the build stage compiles the same sources)
+CUDA_TEST_FILES = ("tests/test_native_cuda.py", "tests/test_native_sparse_cuda.py")
+# the family suites whose backend-parametrized cases include cuda: tests-cuda runs those cases
+# (-k cuda) right after the cuda backend's own files, before the whole suite
+CUDA_FAMILY_FILES = ("tests/test_divergences.py", "tests/test_sparse.py", "tests/test_attention.py",
+                     "tests/test_relational.py")
 # the rest of the suite, most relevant first; files not listed run after these, by name
 TEST_PRIORITY = ("test_divergences.py", "test_triton.py", "test_native.py", "test_sparse.py",
                  "test_triton_sparse.py", "test_native_sparse.py", "test_fused_linear.py",
@@ -380,13 +385,13 @@ def _pytest_counts(text: str, junit: str | None) -> dict:
     return counts
 
 
-def _pytest(runner: Runner, label: str, files: list, timeout: float) -> dict:
+def _pytest(runner: Runner, label: str, files: list, timeout: float, select: str | None = None) -> dict:
     junit = os.path.join(runner.out, "junit", f"{label}.xml")
     os.makedirs(os.path.dirname(junit), exist_ok=True)
     if os.path.exists(junit):
         os.remove(junit)
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", "--tb=short",
-           f"--junitxml={junit}", *files]
+           f"--junitxml={junit}", *(["-k", select] if select else []), *files]
     env = {"FASTKD_REQUIRE_BACKENDS": "torch,cpp,triton,cuda", "PYTHONUNBUFFERED": "1"}
     rc, took, log = runner.run(label, cmd, timeout, env)
     with open(log, encoding="utf-8", errors="replace") as f:
@@ -476,7 +481,7 @@ def plan(stages: list, budget: float, test_files: list | None) -> list:
         "build": "fastkd._native.load(): compile csrc/ (CPU + CUDA for this GPU's arch), timed",
         "roofline": "copy and a+b->c bandwidth (1 GiB), bf16 GEMM 8192^3",
         "kd-target": f"kd_fwd N={KD_N} V={KD_V} bf16: cuda vs triton, TB/s, checked vs reference",
-        "tests-cuda": "pytest " + " ".join(CUDA_TEST_FILES),
+        "tests-cuda": "pytest " + " ".join(CUDA_TEST_FILES) + "; pytest -k cuda " + " ".join(CUDA_FAMILY_FILES),
         "tune": "fastkd.autotune_backends(): triton vs cuda per family/dtype/size -> DIR/tuning.json",
         "bench": "python -m fastkd.bench --full --json DIR/bench-full.json --no-progress",
         "tests": "pytest, one process per file: " + " ".join(os.path.basename(f) for f in
@@ -688,9 +693,11 @@ def main(argv=None) -> int:
         if name in CHILDREN:
             res = stage_child(runner, name, timeout)
         elif name == "tests-cuda":
-            r = _pytest(runner, "tests-cuda", list(CUDA_TEST_FILES), timeout)
-            res = {"files": {" ".join(CUDA_TEST_FILES): r}, "total": {k: r.get(k) for k in
-                                                                       ("passed", "failed", "errors", "skipped")}}
+            r = _pytest(runner, "tests-cuda", list(CUDA_TEST_FILES), timeout * 0.6)
+            r2 = _pytest(runner, "tests-cuda-families", list(CUDA_FAMILY_FILES), max(20.0, min(
+                timeout * 0.4, runner.left())), select="cuda")
+            res = {"files": {" ".join(CUDA_TEST_FILES): r, "-k cuda " + " ".join(CUDA_FAMILY_FILES): r2},
+                   "total": {k: r.get(k, 0) + r2.get(k, 0) for k in ("passed", "failed", "errors", "skipped")}}
         elif name == "bench":
             res = stage_bench(runner, timeout)
         else:
