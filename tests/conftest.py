@@ -41,3 +41,18 @@ def skip_unless_available(backend: str, family: str = "kd") -> str:
             pytest.fail(f"backend {backend} is required here but unavailable: {why}")
         pytest.skip(f"backend {backend} unavailable: {why}")
     return device
+
+
+def require_cuda_kernel(family: str) -> None:
+    """At the top of a CUDA-only test module: skip it without a GPU or without the family's CUDA
+    kernel; fail instead where FASTKD_REQUIRE_BACKENDS names cuda and the backend is broken."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU", allow_module_level=True)
+    import fastkd._backend as B
+
+    why = B.reason("cuda", family, "cuda")
+    if why is None:
+        return
+    if "cuda" in os.environ.get("FASTKD_REQUIRE_BACKENDS", "").split(",") and not B.lacks_kernel("cuda", family):
+        pytest.fail(f"backend cuda is required here but unavailable: {why}", pytrace=False)
+    pytest.skip(f"backend cuda unavailable: {why}", allow_module_level=True)

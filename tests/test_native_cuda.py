@@ -20,18 +20,9 @@ import sys
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from conftest import require_cuda_kernel
 
-if not HAS_CUDA:
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-
-from fastkd import _backend  # noqa: E402
-
-_why = _backend.reason("cuda", "kd", "cuda")
-if _why is not None:
-    if "cuda" in os.environ.get("FASTKD_REQUIRE_BACKENDS", "").split(","):
-        pytest.fail(f"backend cuda is required here but unavailable: {_why}", pytrace=False)
-    pytest.skip(f"backend cuda unavailable: {_why}", allow_module_level=True)
+require_cuda_kernel("kd")
 
 import _kd_op_cases as cases  # noqa: E402
 from _kd_op_cases import DIVS, IGNORE, _args, _cfg, compare  # noqa: E402

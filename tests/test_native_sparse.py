@@ -62,8 +62,9 @@ def run_ref(s, idx, v, labels, cfg, dtype=F64):
     return loss, gs
 
 
-def compare(s, idx, v, labels, cfg, what="", gs=None):
-    loss, g = run_native(s, idx, v, labels, cfg, gs=gs)
+def compare(s, idx, v, labels, cfg, what="", gs=None, run=None):
+    """The op (``run``: the CPU kernel by default) against the float64 and float32 references."""
+    loss, g = (run or run_native)(s, idx, v, labels, cfg, gs=gs)
     l64, g64 = run_ref(s, idx, v, labels, cfg)
     try:
         if _wide(s, v):  # the float64 path: float64 math throughout, one rounding to g's dtype

@@ -16,20 +16,12 @@ import sys
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from conftest import require_cuda_kernel
 
-if not HAS_CUDA:
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-
-from fastkd import _backend  # noqa: E402
-
-_why = _backend.reason("cuda", "sparse_kd", "cuda")
-if _why is not None:
-    if "cuda" in os.environ.get("FASTKD_REQUIRE_BACKENDS", "").split(","):
-        pytest.fail(f"backend cuda is required here but unavailable: {_why}", pytrace=False)
-    pytest.skip(f"backend cuda unavailable: {_why}", allow_module_level=True)
+require_cuda_kernel("sparse_kd")
 
 from _kd_op_cases import _check, make_labels  # noqa: E402
+from test_native_sparse import compare as native_compare  # noqa: E402
 from test_native_sparse import DIVS, DTYPES, F64, IGNORE, LABELS, TAILS, _args, _cfg, _wide, make, run_ref  # noqa: E402
 
 op = torch.ops.fastkd.sparse_kd_fwd
@@ -48,20 +40,7 @@ def run_cuda(s, idx, v, labels, cfg, grad=True, gs=None):
 
 
 def compare(s, idx, v, labels, cfg, what=""):
-    loss, g = run_cuda(s, idx, v, labels, cfg)
-    l64, g64 = run_ref(s, idx, v, labels, cfg)
-    try:
-        if _wide(s, v):  # float64 math throughout, one rounding to g's dtype
-            torch.testing.assert_close(loss, l64, rtol=1e-10, atol=1e-12, equal_nan=True)
-            eps = 1e-10 if g.dtype == F64 else torch.finfo(g.dtype).eps
-            torch.testing.assert_close(g.double(), g64, rtol=eps, atol=1e-12, equal_nan=True)
-        else:
-            l32, g32 = run_ref(s, idx, v, labels, cfg, torch.float32)
-            _check(loss, l64, l32, "loss")
-            _check(g, g64, g32, "grad_student")
-    except AssertionError as e:
-        raise AssertionError(f"{what}: {e}") from None
-    return loss, g
+    return native_compare(s, idx, v, labels, cfg, what, run=run_cuda)
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
