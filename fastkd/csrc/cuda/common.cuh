@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -625,6 +626,60 @@ inline bool rows_aligned(const at::Tensor& x) {
 }
 
 inline double log_or_ninf(double w) { return w > 0.0 ? std::log(w) : -INFINITY; }
+
+// ---------------------------------------------------------------------------------------------
+// host side: the coefficients and the launch of the one-row-per-CTA-or-cluster kernels (kd_fwd,
+// sparse_kd_fwd), whose Params carry cf64 / cf32 and a first row, row0
+
+// The mixture r = w_p p + w_q q of jsd (w_p = beta) and the skew divergences (skew_forward_kl:
+// w_p = skew; skew_reverse_kl: w_q = skew), and the logs of its weights (-inf for a weight 0);
+// the other divergences do not read them.
+inline void fill_divergence_weights(Coefs<double>& cf, int64_t divergence, double beta, double skew) {
+  if (divergence == kJSD) {
+    cf.w_p = beta;
+    cf.w_q = 1.0 - beta;
+  } else if (divergence == kSkewForwardKL) {
+    cf.w_p = skew;
+    cf.w_q = 1.0 - skew;
+  } else if (divergence == kSkewReverseKL) {
+    cf.w_p = 1.0 - skew;
+    cf.w_q = skew;
+  } else {
+    cf.w_p = cf.w_q = 0.5;  // unused
+  }
+  cf.log_wp = log_or_ninf(cf.w_p);
+  cf.log_wq = log_or_ninf(cf.w_q);
+}
+
+// The float copy of the coefficients, for the kernels that accumulate in float.
+inline Coefs<float> narrow(const Coefs<double>& c) {
+  return Coefs<float>{static_cast<float>(c.inv_t),     static_cast<float>(c.cap),
+                      static_cast<float>(c.soft_coef), static_cast<float>(c.grad_coef),
+                      static_cast<float>(c.hw),        static_cast<float>(c.w_p),
+                      static_cast<float>(c.w_q),       static_cast<float>(c.log_wp),
+                      static_cast<float>(c.log_wq)};
+}
+
+// Launches fn over rows [0, N) as planned: plan.nsplit CTAs per row (a thread-block cluster when
+// more than one), in chunks of rows that keep gridDim.x below 2^31; params.row0 is set to each
+// chunk's first row.
+template <class P>
+void launch_rows(void (*fn)(P), const Plan& plan, int64_t N, P& params, cudaStream_t stream) {
+  const int64_t max_rows = INT_MAX / plan.nsplit;  // gridDim.x < 2^31
+  for (int64_t r0 = 0; r0 < N; r0 += max_rows) {
+    params.row0 = r0;
+    const unsigned grid = static_cast<unsigned>(std::min(max_rows, N - r0) * plan.nsplit);
+    if (plan.nsplit > 1) {
+      cudaLaunchConfig_t cfg;
+      cudaLaunchAttribute attr[1];
+      fill_cluster_config(cfg, attr, plan, grid, stream);
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fn, params));
+    } else {
+      fn<<<grid, plan.threads, plan.smem, stream>>>(params);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
 
 
 }  // namespace cuda_common

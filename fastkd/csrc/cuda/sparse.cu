@@ -46,7 +46,6 @@
 #include "common.cuh"
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -545,26 +544,9 @@ void sparse_kd_fwd_cuda(const at::Tensor& student, const at::Tensor& indices, co
   cf.soft_coef = soft_weight * scale;
   cf.grad_coef = soft_weight * scale / temperature;
   cf.hw = hard_weight;
-  if (divergence == kJSD) {
-    cf.w_p = beta;
-    cf.w_q = 1.0 - beta;
-  } else if (divergence == kSkewForwardKL) {
-    cf.w_p = skew;
-    cf.w_q = 1.0 - skew;
-  } else if (divergence == kSkewReverseKL) {
-    cf.w_p = 1.0 - skew;
-    cf.w_q = skew;
-  } else {
-    cf.w_p = cf.w_q = 0.5;  // unused
-  }
-  cf.log_wp = log_or_ninf(cf.w_p);
-  cf.log_wq = log_or_ninf(cf.w_q);
+  fill_divergence_weights(cf, divergence, beta, skew);
   P.cf64 = cf;
-  P.cf32 = Coefs<float>{static_cast<float>(cf.inv_t),     static_cast<float>(cf.cap),
-                        static_cast<float>(cf.soft_coef), static_cast<float>(cf.grad_coef),
-                        static_cast<float>(cf.hw),        static_cast<float>(cf.w_p),
-                        static_cast<float>(cf.w_q),       static_cast<float>(cf.log_wp),
-                        static_cast<float>(cf.log_wq)};
+  P.cf32 = narrow(cf);
 
   const KernelFn fn = pick_kernel(wide, P.ds);
   Plan plan;
@@ -579,20 +561,7 @@ void sparse_kd_fwd_cuda(const at::Tensor& student, const at::Tensor& indices, co
   P.slice = plan.slice;
   P.cache = plan.cache;
 
-  const int64_t max_rows = INT_MAX / plan.nsplit;  // gridDim.x < 2^31
-  for (int64_t r0 = 0; r0 < N; r0 += max_rows) {
-    P.row0 = r0;
-    const unsigned grid = static_cast<unsigned>(std::min(max_rows, N - r0) * plan.nsplit);
-    if (plan.nsplit > 1) {
-      cudaLaunchConfig_t cfg;
-      cudaLaunchAttribute attr[1];
-      fill_cluster_config(cfg, attr, plan, grid, stream);
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fn, P));
-    } else {
-      fn<<<grid, plan.threads, plan.smem, stream>>>(P);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  }
+  launch_rows(fn, plan, N, P, stream);
 }
 
 }  // namespace
