@@ -34,6 +34,8 @@
 
 #include "vec_math.h"  // first: it selects the vector ISA (CPU_CAPABILITY) for the ATen headers
 
+#include "../sparse_checks.h"
+
 #include <atomic>
 
 namespace fastkd {
@@ -455,76 +457,15 @@ void sparse_kd_fwd_cpu(const at::Tensor& student, const at::Tensor& indices, con
                        double beta, double skew, int64_t tail, int64_t ignore_index, double soft_weight,
                        double hard_weight, bool scale_temperature) {
   constexpr const char* op = "fastkd::sparse_kd_fwd: ";
-  TORCH_CHECK(student.dim() == 3, op, "student must be 3-D [B, R, V], got ", student.sizes());
-  TORCH_CHECK(student.device().is_cpu() && indices.device().is_cpu() && values.device().is_cpu(), op,
-              "student, indices and values must be CPU tensors");
+  const checks::SparseShape sh =
+      checks::check_sparse_kd_args(student, indices, values, labels, loss, grad_student, divergence, temperature,
+                                   beta, skew, tail, ignore_index, hard_weight, c10::DeviceType::CPU);
+  const int64_t V = sh.V, K = sh.K, N = sh.N;
+  const bool wide = sh.wide;
   const at::ScalarType ts = student.scalar_type(), tv = values.scalar_type();
-  TORCH_CHECK((is_float_type(ts) || ts == at::kDouble) && (is_float_type(tv) || tv == at::kDouble), op,
-              "student and values must be float32, float16, bfloat16 or float64, got ", ts, " and ", tv);
-  // float64 on either side (any mix): float64 math and a float64 loss, as in the reference.
-  const bool wide = ts == at::kDouble || tv == at::kDouble;
-  const int64_t B = student.size(0), R = student.size(1), V = student.size(2), N = B * R;
-  TORCH_CHECK(V >= 1, op, "the vocabulary (last) dim of student must be non-empty");
-  TORCH_CHECK(V <= 1 || student.stride(2) == 1, op, "student must be contiguous in its last dim (strides ",
-              student.strides(), ")");
-  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 3 && indices.size(0) == B &&
-                  indices.size(1) == R && indices.is_contiguous(),
-              op, "indices must be a contiguous int64 tensor [", B, ", ", R, ", K], got ", indices.scalar_type(),
-              " ", indices.sizes(), indices.is_contiguous() ? "" : " (not contiguous)");
-  const int64_t K = indices.size(2);
-  TORCH_CHECK(K >= 1 && K <= V, op, "the teacher must hold between 1 and V = ", V, " entries per row, got ", K);
-  TORCH_CHECK(values.sizes() == indices.sizes() && values.is_contiguous(), op,
-              "values must be contiguous and shaped like indices ", indices.sizes(), ", got ", values.sizes(),
-              values.is_contiguous() ? "" : " (not contiguous)");
-  const at::ScalarType loss_type = wide ? at::kDouble : at::kFloat;
-  TORCH_CHECK(loss.device().is_cpu() && loss.scalar_type() == loss_type && loss.dim() == 2 && loss.size(0) == B &&
-                  loss.size(1) == R,
-              op, "loss must be a ", loss_type, " CPU tensor of shape [", B, ", ", R,
-              "] (float64 exactly when student or values is float64), got ", loss.scalar_type(), " ", loss.sizes());
-  TORCH_CHECK(divergence >= 0 && divergence <= 5, op, "divergence code must be in 0..5, got ", divergence);
-  TORCH_CHECK(tail == kRenormalize || tail == kBucket, op, "tail code must be 0 (renormalize) or 1 (bucket), got ",
-              tail);
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), op, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK(divergence != kJSD || (beta > 0.0 && beta < 1.0), op,
-              "jsd needs 0 < beta < 1 (beta 0 and 1 map to forward/reverse KL), got ", beta);
-  TORCH_CHECK((divergence != kSkewForwardKL && divergence != kSkewReverseKL) || (skew >= 0.0 && skew <= 1.0), op,
-              "skew must be in [0, 1], got ", skew);
-  TORCH_CHECK(hard_weight == 0.0 || labels.has_value(), op, "hard_weight != 0 needs labels");
   const bool hard = hard_weight != 0.0;
-
-  const int64_t* lab = nullptr;
-  int64_t l0 = 0, l1 = 0;
-  if (labels.has_value()) {
-    const at::Tensor& L = *labels;
-    TORCH_CHECK(L.device().is_cpu() && L.scalar_type() == at::kLong && L.dim() == 2 && L.size(0) == B &&
-                    L.size(1) == R,
-                op, "labels must be an int64 CPU tensor of shape [", B, ", ", R, "], got ", L.scalar_type(), " ",
-                L.sizes());
-    lab = L.data_ptr<int64_t>();
-    l0 = L.stride(0);
-    l1 = L.stride(1);
-    if (hard) {  // only the hard loss indexes with them; before any thread starts
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t y = lab[(i / R) * l0 + (i % R) * l1];
-        TORCH_CHECK(y == ignore_index || (y >= 0 && y < V), op, "label ", y, " at row ", i,
-                    " is out of range for a vocabulary of ", V, " (ignore_index is ", ignore_index, ")");
-      }
-    }
-  }
-  if (grad_student.has_value()) {
-    const at::Tensor& g = *grad_student;
-    TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == ts && g.sizes() == student.sizes(), op,
-                "grad_student must be a CPU tensor with student's dtype and shape (", ts, " ", student.sizes(),
-                "), got ", g.scalar_type(), " ", g.sizes());
-    TORCH_CHECK(V <= 1 || g.stride(2) == 1, op, "grad_student must be contiguous in its last dim");
-    TORCH_CHECK((B <= 1 || g.stride(0) != 0) && (R <= 1 || g.stride(1) != 0), op,
-                "grad_student must not have rows sharing memory (stride 0)");
-    for (const at::Tensor* in : {&student, &indices, &values}) {
-      const auto a = byte_range(g), c = byte_range(*in);
-      TORCH_CHECK(!(a.first < c.second && c.first < a.second) || g.numel() == 0, op,
-                  "grad_student must not overlap student, indices or values");
-    }
-  }
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  const int64_t l0 = labels.has_value() ? labels->stride(0) : 0, l1 = labels.has_value() ? labels->stride(1) : 0;
   if (N == 0) return;
 
   SJob job;

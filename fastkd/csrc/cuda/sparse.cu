@@ -42,7 +42,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../kd_checks.h"
+#include "../sparse_checks.h"
 #include "common.cuh"
 
 #include <algorithm>
@@ -428,69 +428,14 @@ void sparse_kd_fwd_cuda(const at::Tensor& student, const at::Tensor& indices, co
                         const std::optional<at::Tensor>& grad_student, int64_t divergence, double temperature,
                         double beta, double skew, int64_t tail, int64_t ignore_index, double soft_weight,
                         double hard_weight, bool scale_temperature) {
-  // The checks of the CPU kernel (csrc/cpu/sparse.cpp), in its order and words. Index and label
-  // ranges are not checked here (that would be a device-to-host sync): the kernel gives such rows
-  // a NaN loss and gradient.
-  constexpr const char* op = "fastkd::sparse_kd_fwd: ";
-  TORCH_CHECK(student.dim() == 3, op, "student must be 3-D [B, R, V], got ", student.sizes());
-  TORCH_CHECK(student.is_cuda() && indices.device() == student.device() && values.device() == student.device(), op,
-              "student, indices and values must be CUDA tensors on one device, got ", student.device(), ", ",
-              indices.device(), " and ", values.device());
+  // The checks shared with the CPU kernel (../sparse_checks.h). Index and label ranges are not checked
+  // here (that would be a device-to-host sync): the kernel gives such rows a NaN loss and gradient.
+  const checks::SparseShape sh =
+      checks::check_sparse_kd_args(student, indices, values, labels, loss, grad_student, divergence, temperature,
+                                   beta, skew, tail, ignore_index, hard_weight, c10::DeviceType::CUDA);
+  const int64_t R = sh.R, V = sh.V, K = sh.K, N = sh.N;
+  const bool wide = sh.wide;
   const at::ScalarType ts = student.scalar_type(), tv = values.scalar_type();
-  auto floating = [](at::ScalarType t) {
-    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-  };
-  TORCH_CHECK(floating(ts) && floating(tv), op, "student and values must be float32, float16, bfloat16 or float64, got ",
-              ts, " and ", tv);
-  const bool wide = ts == at::kDouble || tv == at::kDouble;
-  const int64_t B = student.size(0), R = student.size(1), V = student.size(2), N = B * R;
-  TORCH_CHECK(V >= 1, op, "the vocabulary (last) dim of student must be non-empty");
-  TORCH_CHECK(V <= 1 || student.stride(2) == 1, op, "student must be contiguous in its last dim (strides ",
-              student.strides(), ")");
-  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 3 && indices.size(0) == B &&
-                  indices.size(1) == R && indices.is_contiguous(),
-              op, "indices must be a contiguous int64 tensor [", B, ", ", R, ", K], got ", indices.scalar_type(),
-              " ", indices.sizes(), indices.is_contiguous() ? "" : " (not contiguous)");
-  const int64_t K = indices.size(2);
-  TORCH_CHECK(K >= 1 && K <= V, op, "the teacher must hold between 1 and V = ", V, " entries per row, got ", K);
-  TORCH_CHECK(values.sizes() == indices.sizes() && values.is_contiguous(), op,
-              "values must be contiguous and shaped like indices ", indices.sizes(), ", got ", values.sizes(),
-              values.is_contiguous() ? "" : " (not contiguous)");
-  const at::ScalarType loss_type = wide ? at::kDouble : at::kFloat;
-  TORCH_CHECK(loss.device() == student.device() && loss.scalar_type() == loss_type && loss.dim() == 2 &&
-                  loss.size(0) == B && loss.size(1) == R,
-              op, "loss must be a ", loss_type, " tensor on ", student.device(), " of shape [", B, ", ", R,
-              "] (float64 exactly when student or values is float64), got ", loss.scalar_type(), " ", loss.sizes(),
-              " on ", loss.device());
-  TORCH_CHECK(divergence >= 0 && divergence <= 5, op, "divergence code must be in 0..5, got ", divergence);
-  TORCH_CHECK(tail == kRenormalize || tail == kBucket, op, "tail code must be 0 (renormalize) or 1 (bucket), got ",
-              tail);
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), op, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK(divergence != kJSD || (beta > 0.0 && beta < 1.0), op,
-              "jsd needs 0 < beta < 1 (beta 0 and 1 map to forward/reverse KL), got ", beta);
-  TORCH_CHECK((divergence != kSkewForwardKL && divergence != kSkewReverseKL) || (skew >= 0.0 && skew <= 1.0), op,
-              "skew must be in [0, 1], got ", skew);
-  TORCH_CHECK(hard_weight == 0.0 || labels.has_value(), op, "hard_weight != 0 needs labels");
-  if (labels.has_value()) {
-    const at::Tensor& L = *labels;
-    TORCH_CHECK(L.device() == student.device() && L.scalar_type() == at::kLong && L.dim() == 2 && L.size(0) == B &&
-                    L.size(1) == R,
-                op, "labels must be an int64 tensor on ", student.device(), " of shape [", B, ", ", R, "], got ",
-                L.scalar_type(), " ", L.sizes(), " on ", L.device());
-  }
-  if (grad_student.has_value()) {
-    const at::Tensor& g = *grad_student;
-    TORCH_CHECK(g.device() == student.device() && g.scalar_type() == ts && g.sizes() == student.sizes(), op,
-                "grad_student must be a tensor on ", student.device(), " with student's dtype and shape (", ts, " ",
-                student.sizes(), "), got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
-    TORCH_CHECK(V <= 1 || g.stride(2) == 1, op, "grad_student must be contiguous in its last dim");
-    TORCH_CHECK((B <= 1 || g.stride(0) != 0) && (R <= 1 || g.stride(1) != 0), op,
-                "grad_student must not have rows sharing memory (stride 0)");
-    for (const at::Tensor* in : {&student, &indices, &values}) {
-      TORCH_CHECK(!checks::overlap(g, *in) || g.numel() == 0, op,
-                  "grad_student must not overlap student, indices or values");
-    }
-  }
   if (N == 0) return;
 
   const c10::cuda::CUDAGuard guard(student.device());
