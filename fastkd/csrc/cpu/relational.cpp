@@ -45,6 +45,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "../relational_checks.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -868,40 +870,10 @@ void rkd_angle_impl(const at::Tensor& student, const at::Tensor& teacher, const 
 }
 
 // ---------------------------------------------------------------------------------------------
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-// Checks shared by the three ops; returns whether to run in float64.
-bool check_inputs(const char* op, const at::Tensor& s, const at::Tensor& t, const at::Tensor& loss,
-                  const std::optional<at::Tensor>& grad) {
-  TORCH_CHECK(s.dim() == 2 && t.dim() == 2, "fastkd::", op, ": student and teacher must be 2-D [N, D], got ",
-              s.sizes(), " and ", t.sizes());
-  TORCH_CHECK(s.size(0) == t.size(0), "fastkd::", op, ": student and teacher must have the same N, got ",
-              s.size(0), " and ", t.size(0));
-  TORCH_CHECK(s.size(0) >= 2, "fastkd::", op, ": needs N >= 2 embeddings, got ", s.size(0));
-  TORCH_CHECK(s.size(1) >= 1 && t.size(1) >= 1, "fastkd::", op, ": embeddings must be non-empty (D >= 1)");
-  TORCH_CHECK(s.device().is_cpu() && t.device().is_cpu(), "fastkd::", op, ": student and teacher must be CPU tensors");
-  TORCH_CHECK(is_float_type(s.scalar_type()) && is_float_type(t.scalar_type()), "fastkd::", op,
-              ": student and teacher must be floating (float32, float16, bfloat16 or float64), got ",
-              s.scalar_type(), " and ", t.scalar_type());
-  const bool wide = s.scalar_type() == at::kDouble || t.scalar_type() == at::kDouble;
-  TORCH_CHECK(loss.device().is_cpu() && loss.numel() == 1 &&
-                  loss.scalar_type() == (wide ? at::kDouble : at::kFloat),
-              "fastkd::", op, ": loss must be a one-element ", (wide ? "float64" : "float32"), " CPU tensor, got ",
-              loss.scalar_type(), " ", loss.sizes());
-  if (grad.has_value()) {
-    const at::Tensor& g = *grad;
-    TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == s.scalar_type() && g.sizes() == s.sizes(),
-                "fastkd::", op, ": grad_student must be a CPU tensor with student's dtype and shape (",
-                s.scalar_type(), " ", s.sizes(), "), got ", g.scalar_type(), " ", g.sizes());
-  }
-  return wide;
-}
-
 void rkd_distance_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                           const std::optional<at::Tensor>& grad_student, double eps, double huber_delta) {
-  const bool wide = check_inputs("rkd_distance_fwd", student, teacher, loss, grad_student);
+  const bool wide = checks::check_relational_args("rkd_distance_fwd", student, teacher, loss, grad_student,
+                                                c10::DeviceType::CPU).wide;
   TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "fastkd::rkd_distance_fwd: eps must be > 0, got ", eps);
   TORCH_CHECK(huber_delta >= 0.0 && std::isfinite(huber_delta),
               "fastkd::rkd_distance_fwd: huber_delta must be >= 0, got ", huber_delta);
@@ -911,7 +883,8 @@ void rkd_distance_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, 
 
 void rkd_angle_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                        const std::optional<at::Tensor>& grad_student, double huber_delta) {
-  const bool wide = check_inputs("rkd_angle_fwd", student, teacher, loss, grad_student);
+  const bool wide = checks::check_relational_args("rkd_angle_fwd", student, teacher, loss, grad_student,
+                                                c10::DeviceType::CPU).wide;
   TORCH_CHECK(huber_delta >= 0.0 && std::isfinite(huber_delta),
               "fastkd::rkd_angle_fwd: huber_delta must be >= 0, got ", huber_delta);
   if (wide) rkd_angle_impl<double>(student, teacher, loss, grad_student, huber_delta);
@@ -920,7 +893,8 @@ void rkd_angle_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, con
 
 void similarity_preserving_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                                    const std::optional<at::Tensor>& grad_student) {
-  const bool wide = check_inputs("similarity_preserving_fwd", student, teacher, loss, grad_student);
+  const bool wide = checks::check_relational_args("similarity_preserving_fwd", student, teacher, loss, grad_student,
+                                                c10::DeviceType::CPU).wide;
   if (wide) sp_impl<double>(student, teacher, loss, grad_student);
   else sp_impl<float>(student, teacher, loss, grad_student);
 }

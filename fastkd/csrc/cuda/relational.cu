@@ -37,6 +37,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../relational_checks.h"
 #include "common.cuh"
 
 #include <cuda_bf16.h>
@@ -460,41 +461,6 @@ __global__ void __launch_bounds__(kThreads) rkd_dist_grad_out_kernel(const A* __
 
 // ---------------------------------------------------------------------------------------------
 // host side
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-// The CPU kernel's checks (csrc/cpu/relational.cpp), with CUDA tensors on one device; returns
-// whether to run in float64.
-bool check_inputs(const char* op, const at::Tensor& s, const at::Tensor& t, const at::Tensor& loss,
-                  const std::optional<at::Tensor>& grad) {
-  TORCH_CHECK(s.dim() == 2 && t.dim() == 2, "fastkd::", op, ": student and teacher must be 2-D [N, D], got ",
-              s.sizes(), " and ", t.sizes());
-  TORCH_CHECK(s.size(0) == t.size(0), "fastkd::", op, ": student and teacher must have the same N, got ",
-              s.size(0), " and ", t.size(0));
-  TORCH_CHECK(s.size(0) >= 2, "fastkd::", op, ": needs N >= 2 embeddings, got ", s.size(0));
-  TORCH_CHECK(s.size(1) >= 1 && t.size(1) >= 1, "fastkd::", op, ": embeddings must be non-empty (D >= 1)");
-  TORCH_CHECK(s.is_cuda() && t.is_cuda() && s.device() == t.device(), "fastkd::", op,
-              ": student and teacher must be CUDA tensors on one device, got ", s.device(), " and ", t.device());
-  TORCH_CHECK(is_float_type(s.scalar_type()) && is_float_type(t.scalar_type()), "fastkd::", op,
-              ": student and teacher must be floating (float32, float16, bfloat16 or float64), got ",
-              s.scalar_type(), " and ", t.scalar_type());
-  const bool wide = s.scalar_type() == at::kDouble || t.scalar_type() == at::kDouble;
-  TORCH_CHECK(loss.device() == s.device() && loss.numel() == 1 &&
-                  loss.scalar_type() == (wide ? at::kDouble : at::kFloat),
-              "fastkd::", op, ": loss must be a one-element ", (wide ? "float64" : "float32"),
-              " CUDA tensor on the student's device, got ", loss.scalar_type(), " ", loss.sizes(), " on ",
-              loss.device());
-  if (grad.has_value()) {
-    const at::Tensor& g = *grad;
-    TORCH_CHECK(g.device() == s.device() && g.scalar_type() == s.scalar_type() && g.sizes() == s.sizes(),
-                "fastkd::", op, ": grad_student must be a CUDA tensor on the student's device with student's "
-                "dtype and shape (", s.scalar_type(), " ", s.sizes(), "), got ", g.scalar_type(), " ", g.sizes(),
-                " on ", g.device());
-  }
-  return wide;
-}
-
 int64_t round4(int64_t v) { return (v + 3) / 4 * 4; }
 
 unsigned blocks_for(int64_t items, int64_t per_block) {
@@ -618,7 +584,8 @@ void rkd_distance_impl(const at::Tensor& student, const at::Tensor& teacher, con
 
 void rkd_distance_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                            const std::optional<at::Tensor>& grad_student, double eps, double huber_delta) {
-  const bool wide = check_inputs("rkd_distance_fwd", student, teacher, loss, grad_student);
+  const bool wide = checks::check_relational_args("rkd_distance_fwd", student, teacher, loss, grad_student,
+                                                c10::DeviceType::CUDA).wide;
   TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "fastkd::rkd_distance_fwd: eps must be > 0, got ", eps);
   TORCH_CHECK(huber_delta >= 0.0 && std::isfinite(huber_delta),
               "fastkd::rkd_distance_fwd: huber_delta must be >= 0, got ", huber_delta);
