@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -57,6 +58,17 @@ inline RelationalShape check_relational_args(const char* op, const at::Tensor& s
                 s.sizes(), "), got ", g.scalar_type(), " ", g.sizes(), on(g));
   }
   return {s.size(0), s.size(1), t.size(1), wide};
+}
+
+// rkd_distance_fwd: the checks of every relational op, then its own eps and huber_delta.
+inline RelationalShape check_rkd_distance_args(const at::Tensor& s, const at::Tensor& t, const at::Tensor& loss,
+                                               const std::optional<at::Tensor>& grad, double eps,
+                                               double huber_delta, c10::DeviceType device_type) {
+  const RelationalShape sh = check_relational_args("rkd_distance_fwd", s, t, loss, grad, device_type);
+  TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "fastkd::rkd_distance_fwd: eps must be > 0, got ", eps);
+  TORCH_CHECK(huber_delta >= 0.0 && std::isfinite(huber_delta),
+              "fastkd::rkd_distance_fwd: huber_delta must be >= 0, got ", huber_delta);
+  return sh;
 }
 
 }  // namespace checks

@@ -872,11 +872,8 @@ void rkd_angle_impl(const at::Tensor& student, const at::Tensor& teacher, const 
 // ---------------------------------------------------------------------------------------------
 void rkd_distance_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                           const std::optional<at::Tensor>& grad_student, double eps, double huber_delta) {
-  const bool wide = checks::check_relational_args("rkd_distance_fwd", student, teacher, loss, grad_student,
-                                                c10::DeviceType::CPU).wide;
-  TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "fastkd::rkd_distance_fwd: eps must be > 0, got ", eps);
-  TORCH_CHECK(huber_delta >= 0.0 && std::isfinite(huber_delta),
-              "fastkd::rkd_distance_fwd: huber_delta must be >= 0, got ", huber_delta);
+  const bool wide = checks::check_rkd_distance_args(student, teacher, loss, grad_student, eps, huber_delta,
+                                                    c10::DeviceType::CPU).wide;
   if (wide) rkd_distance_impl<double>(student, teacher, loss, grad_student, eps, huber_delta);
   else rkd_distance_impl<float>(student, teacher, loss, grad_student, eps, huber_delta);
 }
@@ -884,7 +881,7 @@ void rkd_distance_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, 
 void rkd_angle_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                        const std::optional<at::Tensor>& grad_student, double huber_delta) {
   const bool wide = checks::check_relational_args("rkd_angle_fwd", student, teacher, loss, grad_student,
-                                                c10::DeviceType::CPU).wide;
+                                                  c10::DeviceType::CPU).wide;
   TORCH_CHECK(huber_delta >= 0.0 && std::isfinite(huber_delta),
               "fastkd::rkd_angle_fwd: huber_delta must be >= 0, got ", huber_delta);
   if (wide) rkd_angle_impl<double>(student, teacher, loss, grad_student, huber_delta);
@@ -894,7 +891,7 @@ void rkd_angle_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, con
 void similarity_preserving_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                                    const std::optional<at::Tensor>& grad_student) {
   const bool wide = checks::check_relational_args("similarity_preserving_fwd", student, teacher, loss, grad_student,
-                                                c10::DeviceType::CPU).wide;
+                                                  c10::DeviceType::CPU).wide;
   if (wide) sp_impl<double>(student, teacher, loss, grad_student);
   else sp_impl<float>(student, teacher, loss, grad_student);
 }

@@ -584,11 +584,8 @@ void rkd_distance_impl(const at::Tensor& student, const at::Tensor& teacher, con
 
 void rkd_distance_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& loss,
                            const std::optional<at::Tensor>& grad_student, double eps, double huber_delta) {
-  const bool wide = checks::check_relational_args("rkd_distance_fwd", student, teacher, loss, grad_student,
-                                                c10::DeviceType::CUDA).wide;
-  TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "fastkd::rkd_distance_fwd: eps must be > 0, got ", eps);
-  TORCH_CHECK(huber_delta >= 0.0 && std::isfinite(huber_delta),
-              "fastkd::rkd_distance_fwd: huber_delta must be >= 0, got ", huber_delta);
+  const bool wide = checks::check_rkd_distance_args(student, teacher, loss, grad_student, eps, huber_delta,
+                                                    c10::DeviceType::CUDA).wide;
   const c10::cuda::CUDAGuard guard(student.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.get_device()).stream();
   if (wide) rkd_distance_impl<double>(student, teacher, loss, grad_student, eps, huber_delta, stream);
