@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -658,6 +659,46 @@ inline Coefs<float> narrow(const Coefs<double>& c) {
                       static_cast<float>(c.hw),        static_cast<float>(c.w_p),
                       static_cast<float>(c.w_q),       static_cast<float>(c.log_wp),
                       static_cast<float>(c.log_wq)};
+}
+
+// The coefficients of a row kernel: 1 / temperature, the softcap (0: none), the soft loss's
+// factor and its gradient's, the hard loss's weight and the divergence's mixture weights.
+inline Coefs<double> make_coefs(double temperature, double softcap, double soft_weight, double hard_weight,
+                                bool scale_temperature, int64_t divergence, double beta, double skew) {
+  const double scale = scale_temperature ? temperature * temperature : 1.0;
+  Coefs<double> cf{};
+  cf.inv_t = 1.0 / temperature;
+  cf.cap = softcap;
+  cf.soft_coef = soft_weight * scale;
+  cf.grad_coef = soft_weight * scale / temperature;
+  cf.hw = hard_weight;
+  fill_divergence_weights(cf, divergence, beta, skew);
+  return cf;
+}
+
+// The Params fields the row kernels share for the student's gradient buffer (its entries
+// params.es bytes, as the student's), the labels and the loss ([B, R], float64 when wide).
+template <class P>
+void set_row_io(P& params, const std::optional<at::Tensor>& grad_student, const std::optional<at::Tensor>& labels,
+                const at::Tensor& loss, bool wide) {
+  if (grad_student.has_value()) {
+    const at::Tensor& g = *grad_student;
+    params.gs = static_cast<char*>(g.data_ptr());
+    params.gs_sb = g.stride(0) * params.es;
+    params.gs_sr = g.stride(1) * params.es;
+    params.vgs = rows_aligned(g);
+    params.has_gs = true;
+  }
+  if (labels.has_value()) {
+    params.labels = labels->data_ptr<int64_t>();
+    params.l_sb = labels->stride(0);
+    params.l_sr = labels->stride(1);
+    params.has_labels = true;
+  }
+  params.loss = static_cast<char*>(loss.data_ptr());
+  params.loss_f64 = wide;
+  params.o_sb = loss.stride(0) * loss.element_size();
+  params.o_sr = loss.stride(1) * loss.element_size();
 }
 
 // Launches fn over rows [0, N) as planned: plan.nsplit CTAs per row (a thread-block cluster when

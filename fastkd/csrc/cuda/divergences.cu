@@ -393,14 +393,7 @@ void kd_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const std
   P.dt = dtype_code(tt);
   P.vs = rows_aligned(student);
   P.vt = rows_aligned(teacher);
-  if (grad_student.has_value()) {
-    const at::Tensor& g = *grad_student;
-    P.gs = static_cast<char*>(g.data_ptr());
-    P.gs_sb = g.stride(0) * P.es;
-    P.gs_sr = g.stride(1) * P.es;
-    P.vgs = rows_aligned(g);
-    P.has_gs = true;
-  }
+  set_row_io(P, grad_student, labels, loss, wide);
   if (grad_teacher.has_value()) {
     const at::Tensor& g = *grad_teacher;
     P.gt = static_cast<char*>(g.data_ptr());
@@ -409,16 +402,6 @@ void kd_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const std
     P.vgt = rows_aligned(g);
     P.has_gt = true;
   }
-  if (labels.has_value()) {
-    P.labels = labels->data_ptr<int64_t>();
-    P.l_sb = labels->stride(0);
-    P.l_sr = labels->stride(1);
-    P.has_labels = true;
-  }
-  P.loss = static_cast<char*>(loss.data_ptr());
-  P.loss_f64 = wide;
-  P.o_sb = loss.stride(0) * loss.element_size();
-  P.o_sr = loss.stride(1) * loss.element_size();
   P.R = R;
   P.V = V;
   P.ignore_index = ignore_index;
@@ -427,14 +410,8 @@ void kd_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const std
   P.unit_t = temperature == 1.0;
   // forward_kl needs no sum before its student gradient (h = -p): D is summed in the gradient pass
   P.fused_d = divergence == kForwardKL && !P.has_gt;
-  const double scale = scale_temperature ? temperature * temperature : 1.0;
-  Coefs<double> cf;
-  cf.inv_t = 1.0 / temperature;
-  cf.cap = softcap;
-  cf.soft_coef = soft_weight * scale;
-  cf.grad_coef = soft_weight * scale / temperature;
-  cf.hw = hard_weight;
-  fill_divergence_weights(cf, divergence, beta, skew);
+  const Coefs<double> cf =
+      make_coefs(temperature, softcap, soft_weight, hard_weight, scale_temperature, divergence, beta, skew);
   P.cf64 = cf;
   P.cf32 = narrow(cf);
 

@@ -453,24 +453,7 @@ void sparse_kd_fwd_cuda(const at::Tensor& student, const at::Tensor& indices, co
   P.vals = static_cast<const char*>(values.data_ptr());
   P.dv = dtype_code(tv);
   P.ev = static_cast<int>(values.element_size());
-  if (grad_student.has_value()) {
-    const at::Tensor& g = *grad_student;
-    P.gs = static_cast<char*>(g.data_ptr());
-    P.gs_sb = g.stride(0) * P.es;
-    P.gs_sr = g.stride(1) * P.es;
-    P.vgs = rows_aligned(g);
-    P.has_gs = true;
-  }
-  if (labels.has_value()) {
-    P.labels = labels->data_ptr<int64_t>();
-    P.l_sb = labels->stride(0);
-    P.l_sr = labels->stride(1);
-    P.has_labels = true;
-  }
-  P.loss = static_cast<char*>(loss.data_ptr());
-  P.loss_f64 = wide;
-  P.o_sb = loss.stride(0) * loss.element_size();
-  P.o_sr = loss.stride(1) * loss.element_size();
+  set_row_io(P, grad_student, labels, loss, wide);
   P.R = R;
   P.V = V;
   P.K = K;
@@ -482,14 +465,8 @@ void sparse_kd_fwd_cuda(const at::Tensor& student, const at::Tensor& indices, co
   P.pass1 = P.dense || P.hard;
   P.sep1 = P.hard && !(P.dense && temperature == 1.0);
 
-  const double scale = scale_temperature ? temperature * temperature : 1.0;
-  Coefs<double> cf{};
-  cf.inv_t = 1.0 / temperature;
-  cf.cap = 0.0;  // no softcap in this op
-  cf.soft_coef = soft_weight * scale;
-  cf.grad_coef = soft_weight * scale / temperature;
-  cf.hw = hard_weight;
-  fill_divergence_weights(cf, divergence, beta, skew);
+  const Coefs<double> cf =
+      make_coefs(temperature, /*softcap=*/0.0, soft_weight, hard_weight, scale_temperature, divergence, beta, skew);
   P.cf64 = cf;
   P.cf32 = narrow(cf);
 
