@@ -25,6 +25,7 @@ from conftest import require_cuda_kernel
 require_cuda_kernel("kd")
 
 import _kd_op_cases as cases  # noqa: E402
+from fastkd import _backend  # noqa: E402
 from _kd_op_cases import DIVS, IGNORE, _args, _cfg, compare  # noqa: E402
 from _kd_op_cases import run_op as run_cuda  # noqa: E402
 
