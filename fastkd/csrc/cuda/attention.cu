@@ -7,17 +7,19 @@
 // Layout: the B*H*L query rows of L entries are independent; a group of threads owns one row, and
 // each thread a fixed set of NO octets (8 entries: one 16-byte load of fp16/bf16) per tile of
 // group_size * 8 * NO entries, octet k*group_size + lane, so a group reads contiguous memory.
-//   * L <= 1024 (512 for float64): a group of 8, 16 or 32 lanes of a warp (256-thread CTAs
-//     hold 32, 16 or 8 rows), NO = 1, 2 or 4 by L; reductions are warp shuffles.
-//   * longer rows: one CTA of 64..512 threads per row, the smallest whose tile covers the row
-//     (NO = 4, or 2 for float64); reductions through shared memory.
-// When a row fits one tile (always, up to 16384 entries in float32 math) it is loaded once into
-// registers (raw bits for one fixed dtype) and both passes read it there: HBM sees one read of
-// each map and one write of the gradient. Longer rows are walked tile by tile, and the second
-// pass re-reads them from global memory (L2). Pass 1 (kl with a scores side only): per-thread
-// online (max, sum-exp) of the student and/or teacher scores, or the teacher mass P, then a group
-// all-reduce; pass 2: loss terms and the gradient, then a group sum. No atomics; reductions in a
-// fixed order, so results are bitwise reproducible for a given shape.
+//   * L <= 1024 (512 for float64 math or mixed dtypes): a group of 8, 16 or 32 lanes of a warp
+//     (256-thread CTAs hold 32, 16 or 8 rows), NO = 1, 2 or 4 by L; reductions are warp shuffles.
+//   * longer rows: one CTA of 64..512 threads (256 for float64 math) per row, the smallest whose
+//     tile covers the row (NO = 4, or 2 for float64 math or mixed dtypes); reductions through
+//     shared memory.
+// When a row fits one tile (up to 16384 entries for one fixed dtype, 8192 for mixed dtypes, 4096
+// for float64 math) it is loaded once into registers (raw bits for one fixed dtype) and both
+// passes read it there: HBM sees one read of each map and one write of the gradient. Longer rows
+// are walked tile by tile, and the second pass re-reads them from global memory (L2). Pass 1 (kl
+// with a scores side only): per-thread online (max, sum-exp) of the student and/or teacher
+// scores, or the teacher mass P, then a group all-reduce; pass 2: loss terms and the gradient,
+// then a group sum. No atomics; reductions in a fixed order, so results are bitwise reproducible
+// for a given shape.
 //
 // Masked keys and out-of-range entries take neutral values (as in the CPU kernel): kl scores -inf,
 // kl student probabilities 1, kl teacher probabilities 0, mse 0; their gradient is stored as
