@@ -139,6 +139,10 @@ def test_main_writes_json_with_device_metadata(tmp_path, capsys):
                 "git_commit", "backends", "copy_gb_per_s", "wall_s"):
         assert key in meta, key
     assert meta["device_type"] == "cpu" and meta["torch_threads"] >= 1
+    # the matmul roofline, in the dtype of every FLOP-counting case, and its %mm column
+    assert set(meta["matmul_tflop_per_s"]) == {"float32"}
+    assert _finite_positive(meta["matmul_tflop_per_s"]["float32"])
+    assert "matmul roofline (%mm): float32 " in table and "%mm" in table
     rows = data["results"]
     assert {r["loss"] for r in rows} == set(LOSSES)  # every family, one kd divergence
     assert {r["case"] for r in rows if r["family"] == "kd"} == {"tvd"}

@@ -372,6 +372,27 @@ def copy_bandwidth(device, nbytes: int = 256 * 2**20) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def matmul_rate(device, dtype: str, n: Optional[int] = None) -> float:
+    """Measured FLOP/s of an n x n x n matmul in ``dtype``: the compute roofline of the cases
+    that count FLOPs (n = 8192 on GPU, 1024 on CPU unless given)."""
+    from .case import DTYPES
+
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=dev).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=dev).to(DTYPES[dtype])
+    out = torch.empty_like(a)
+    step = lambda: torch.mm(a, b, out=out)  # noqa: E731
+    if dev.type == "cuda":
+        times, _ = _time_cuda(step, 0.2)
+    else:
+        step()
+        t0 = time.perf_counter()
+        step()
+        times, _ = _time_cpu(step, time.perf_counter() - t0, 0.3, 20, min_reps=3)
+    return 2 * n ** 3 / statistics.median(times)
+
+
 # ----------------------------------------------------------------------------- metadata
 def _cpu_model() -> str:
     try:
@@ -520,9 +541,12 @@ def run(cases: List[BenchCase], device=None, select: Optional[List[str]] = None,
     if dev.type == "cuda":
         isolate = "none"
     meta = metadata(dev)
+    todo = [(case, _impl_names(case, dev, select, skip_reference)) for case in cases]
     if roofline_bytes:
         meta["copy_gb_per_s"] = copy_bandwidth(dev, roofline_bytes) / 1e9
-    todo = [(case, _impl_names(case, dev, select, skip_reference)) for case in cases]
+        # the matmul rate in each dtype that a FLOP-counting case runs in
+        flop_dtypes = sorted({c.dtype for c, names in todo if names and c.flops})
+        meta["matmul_tflop_per_s"] = {d: matmul_rate(dev, d) / 1e12 for d in flop_dtypes}
     bar = Progress(sum(len(names) for _, names in todo), enabled=progress)
 
     def on_event(event):
@@ -563,13 +587,13 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
     return missing if x is None else format(x, spec)
 
 
-def _table(rows: List[dict], copy: Optional[float]) -> List[str]:
+def _table(rows: List[dict], copy: Optional[float], mm: Optional[dict] = None) -> List[str]:
     """One family's rows as aligned lines; rate columns only where some case defines them."""
     has_bytes = any(r.get("bytes") for r in rows)
     has_flops = any(r.get("flops") for r in rows)
     cols = ["case", "dtype", "shape", "impl", "median ms", "runs", "x eager", "x compile"]
     cols += ["GB/s", "%copy"] if has_bytes else []
-    cols += ["TFLOP/s"] if has_flops else []
+    cols += ["TFLOP/s", "%mm"] if has_flops else []
     cols += ["peak MiB", "mem/eager", "check"]
     cells = []
     for r in rows:
@@ -584,7 +608,8 @@ def _table(rows: List[dict], copy: Optional[float]) -> List[str]:
             gbs = r.get("gb_per_s")
             row += [_fmt(gbs, ".2f"), _fmt(gbs / copy * 100 if gbs and copy else None, ".0f")]
         if has_flops:
-            row += [_fmt(r.get("tflop_per_s"), ".3g")]
+            tf, peak = r.get("tflop_per_s"), (mm or {}).get(r["dtype"])
+            row += [_fmt(tf, ".3g"), _fmt(tf / peak * 100 if tf and peak else None, ".0f")]
         row += [_fmt(None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20, ",.0f", "n/a"),
                 _fmt(r["mem_ratio_vs_eager"], ".2f"), r["check"]]
         cells.append(row)
@@ -618,6 +643,9 @@ def format_table(report: dict) -> str:
         + (f"; copy roofline {m['copy_gb_per_s']:.1f} GB/s (%copy)" if m.get("copy_gb_per_s")
            else ""),
     ]
+    if m.get("matmul_tflop_per_s"):
+        head.append("matmul roofline (%mm): " + ", ".join(
+            f"{d} {t:.3g} TFLOP/s" for d, t in sorted(m["matmul_tflop_per_s"].items())))
     load = m.get("loadavg_start")
     if load and m.get("cpu_count") and load[0] > 0.5 * m["cpu_count"]:
         head.append(f"note: load average {load[0]} at the start on {m['cpu_count']} CPUs: other "
@@ -634,7 +662,7 @@ def format_table(report: dict) -> str:
         out += ["", f"== {family}: {c.get('title', family)}"]
         out += [f"   GB/s counts {loss}: {text}" for loss, text in c.get("bytes", {}).items()]
         out += [f"   TFLOP/s counts {loss}: {text}" for loss, text in c.get("flops", {}).items()]
-        out += _table(rows, m.get("copy_gb_per_s"))
+        out += _table(rows, m.get("copy_gb_per_s"), m.get("matmul_tflop_per_s"))
     return "\n".join(out + [""] + summary(report)) + "\n"
 
 
