@@ -80,11 +80,15 @@ __device__ __forceinline__ void lse_add(A& m, A& z, A x) {
   m = up ? x : m;
 }
 
-// (m, z) <- (m, z) + (m2, z2); the empty pair (-inf, 0) is the identity.
+// (m, z) <- (m, z) + (m2, z2); the empty pair (-inf, 0) is the identity. A NaN entry leaves
+// its m alone and makes its z NaN (lse_add), so a partial may be (-inf, NaN): z + z2 keeps it.
 template <typename A>
 __device__ __forceinline__ void lse_merge(A& m, A& z, A m2, A z2) {
   const A mm = m2 > m ? m2 : m;
-  if (mm == ninf<A>()) return;  // both empty
+  if (mm == ninf<A>()) {  // both without a finite entry
+    z += z2;
+    return;
+  }
   z = z * d_exp(m - mm) + z2 * d_exp(m2 - mm);
   m = mm;
 }
