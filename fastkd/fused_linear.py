@@ -18,7 +18,6 @@ states' gradient, a sum over the vocabulary slices, is all-reduced once at the e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 # Bytes of chunk logits (student + teacher) to aim for; bounds the working set.
@@ -42,6 +41,13 @@ def _accumulate_weight_grad(acc, g, h):
     for v0 in range(0, g.shape[1], _VOCAB_BLOCK):
         v1 = min(v0 + _VOCAB_BLOCK, g.shape[1])
         acc[v0:v1] += (g[:, v0:v1].t() @ h).float()
+
+
+def _linear_into(out, h, w, b):
+    """F.linear(h, w, b) written into ``out`` (a reused chunk buffer)."""
+    if b is None:
+        return torch.mm(h, w.t(), out=out)
+    return torch.addmm(b, h, w.t(), out=out)
 
 
 def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, params,
@@ -69,6 +75,14 @@ def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, para
     bs_k = None if bs is None else bs[:vocab]
     bt_k = None if bt is None else bt[:vocab]
     n = N if rows is None else rows.numel()
+    # One buffer per model for every chunk's logits: a fresh [chunk, V] tensor per chunk costs
+    # page faults on CPU (a new mapping each time) and allocator traffic on GPU. Reusing it is
+    # safe: a chunk's logits (the student's become its gradient) are consumed before the next.
+    zs_buf = zt_buf = None
+    if n > 0:
+        rows_max = min(chunk, n)
+        zs_buf = torch.empty((rows_max, vocab), dtype=torch.result_type(hs, ws_k), device=dev)
+        zt_buf = torch.empty((rows_max, vocab), dtype=torch.result_type(ht, wt_k), device=dev)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         idx = None if rows is None else rows[c0:c1]
@@ -78,8 +92,8 @@ def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, para
         if labels is not None:
             lab = labels[c0:c1] if idx is None else labels.index_select(0, idx)
             lab = lab.reshape(1, -1)
-        zs = F.linear(h_s, ws_k, bs_k)
-        zt = F.linear(h_t, wt_k, bt_k)
+        zs = _linear_into(zs_buf[:c1 - c0], h_s, ws_k, bs_k)
+        zt = _linear_into(zt_buf[:c1 - c0], h_t, wt_k, bt_k)
         loss_c = torch.empty((1, c1 - c0), dtype=loss_rows.dtype, device=dev)
         zs3 = zs.unsqueeze(0)
         kd_fwd(zs3, zt.unsqueeze(0), lab, loss_c, zs3 if any_grad else None, None, *params)
