@@ -498,7 +498,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          softcap: Optional[float] = None, vocab_size: Optional[int] = None,
                          reduction: str = "batchmean",
                          num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-                         backend: Optional[str] = None, process_group=None) -> torch.Tensor:
+                         backend: Optional[str] = None, process_group=None,
+                         fp32_grad_accumulation: bool = True) -> torch.Tensor:
     """:func:`kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against the
     teacher's, without ever holding either model's N x V logits.
 
@@ -508,6 +509,11 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     about 128 MiB of chunk logits on CPU, 256 MiB on GPU); rows whose label is ``ignore_index``
     cost no matmul. ``backend`` picks the kd kernel run on each chunk. Other keywords as in
     :func:`kd_loss`.
+
+    fp32_grad_accumulation: the weight's (and bias's) gradient is summed over the chunks in
+    float32 (default), then returned in the weight's dtype. ``False`` sums it in the weight's
+    own dtype instead: no V x H float32 buffer (1 GiB at V=128256, H=2048), at the price of one
+    rounding per chunk in bfloat16/float16. float32/float64 weights are unaffected.
 
     process_group: vocab-parallel lm_heads (each rank holds the same rows of the vocabulary of
     both weights, and biases; rank order = vocabulary order) with the hidden states replicated
@@ -533,6 +539,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(fp32_grad_accumulation, bool):
+        raise TypeError(f"fp32_grad_accumulation must be a bool, got {fp32_grad_accumulation!r}")
     if process_group is not None:
         name, total = _vocab_parallel("kd", process_group, backend, vocab_size, vocab, dev)
     else:
@@ -562,7 +570,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     out = FusedLinearKDFunction.apply(
         hs, student_weight, student_bias, ht, teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), lab, rows, denom, name,
-        reduction, vocab, chunk, params, need, process_group)
+        reduction, vocab, chunk, params, need, process_group, fp32_grad_accumulation)
     return out.reshape(lead) if reduction == "none" else out
 
 

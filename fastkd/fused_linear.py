@@ -51,13 +51,15 @@ def _linear_into(out, h, w, b):
 
 
 def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, params,
-               need, row_scale=None, group=None):
+               need, row_scale=None, group=None, fp32_acc=True):
     """Run the chunk loop. Returns (loss_rows [N] fp32, grad_hs, grad_ws, grad_bs).
 
     hs [N, Hs], ws [Vs, Hs], bs [Vs] | None, and the teacher's likewise; labels [N] | None;
     rows: indices of the rows to compute (valid rows) or None for all. ``need`` says which of
     (hs, ws, bs) want gradients; ``row_scale`` [N] multiplies each row's gradient (backward of
-    reduction="none"). ``group``: the vocab-parallel process group, or None.
+    reduction="none"). ``group``: the vocab-parallel process group, or None. ``fp32_acc``:
+    accumulate the weight and bias gradients in float32 (else in the weight's dtype: no
+    V x H float32 buffer, one rounding per chunk).
     """
     from .functional import _kernel
 
@@ -67,7 +69,8 @@ def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, para
     wide = torch.float64 in (hs.dtype, ws.dtype)
     loss_rows = torch.zeros(N, dtype=torch.float64 if wide else torch.float32, device=dev)
     grad_hs = torch.zeros_like(hs) if need[0] else None
-    acc_dtype = torch.float64 if ws.dtype == torch.float64 else torch.float32
+    acc_dtype = torch.float64 if ws.dtype == torch.float64 else (
+        torch.float32 if fp32_acc else ws.dtype)
     grad_ws = torch.zeros(ws.shape, dtype=acc_dtype, device=dev) if need[1] else None
     grad_bs = torch.zeros(bs.shape, dtype=acc_dtype, device=dev) if need[2] else None
     any_grad = any(need)
@@ -124,7 +127,7 @@ def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, para
 class FusedLinearKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, labels, rows, denom, backend, reduction, vocab,
-                chunk, params, need, group=None):
+                chunk, params, need, group=None, fp32_acc=True):
         from .functional import _reduce
 
         ctx.reduction = reduction
@@ -132,11 +135,12 @@ class FusedLinearKDFunction(torch.autograd.Function):
         if reduction == "none":
             loss_rows, *_ = chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab,
                                        chunk, params, (False, False, False), group=group)
-            ctx.meta = (backend, vocab, chunk, params, need, group)
+            ctx.meta = (backend, vocab, chunk, params, need, group, fp32_acc)
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels, rows)
         else:
             loss_rows, gh, gw, gb = chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend,
-                                               vocab, chunk, params, need, group=group)
+                                               vocab, chunk, params, need, group=group,
+                                               fp32_acc=fp32_acc)
             ctx.save_for_backward(gh, gw, gb, denom)
         return _reduce(loss_rows, reduction, denom, hs.shape[:-1], hs.dtype)
 
@@ -146,11 +150,11 @@ class FusedLinearKDFunction(torch.autograd.Function):
 
         if ctx.reduction == "none":
             hs, ws, bs, ht, wt, bt, labels, rows = ctx.saved_tensors
-            backend, vocab, chunk, params, need, group = ctx.meta
+            backend, vocab, chunk, params, need, group, fp32_acc = ctx.meta
             _, gh, gw, gb = chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab,
                                        chunk, params, need, row_scale=grad_out.float(),
-                                       group=group)
+                                       group=group, fp32_acc=fp32_acc)
         else:
             gh, gw, gb, denom = ctx.saved_tensors
             gh, gw, gb = _scale_stored_grads(ctx, grad_out, denom, (gh, gw, gb))
-        return (gh, gw, gb) + (None,) * 13
+        return (gh, gw, gb) + (None,) * 14

@@ -81,7 +81,8 @@ class SparseKDLoss(torch.nn.Module):
 
 class FusedLinearKDLoss(torch.nn.Module):
     """Module form of :func:`fastkd.fused_linear_kd_loss`: KD from hidden states and lm_head
-    weights without materializing the logits. Takes kd_loss's keywords plus ``chunk_size``.
+    weights without materializing the logits. Takes kd_loss's keywords plus ``chunk_size`` and
+    ``fp32_grad_accumulation``.
 
     >>> crit = fastkd.FusedLinearKDLoss(divergence="jsd", temperature=2.0)
     >>> loss = crit(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels)
@@ -93,18 +94,21 @@ class FusedLinearKDLoss(torch.nn.Module):
                  scale_temperature: bool = True, softcap: Optional[float] = None,
                  vocab_size: Optional[int] = None, reduction: str = "batchmean",
                  chunk_size: Optional[int] = None, backend: Optional[str] = None,
-                 process_group=None):
+                 process_group=None, fp32_grad_accumulation: bool = True):
         super().__init__()
         self.process_group = process_group
+        if not isinstance(fp32_grad_accumulation, bool):
+            raise TypeError(f"fp32_grad_accumulation must be a bool, got {fp32_grad_accumulation!r}")
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                            ignore_index=ignore_index, hard_label_weight=hard_label_weight,
                            soft_label_weight=soft_label_weight,
                            scale_temperature=scale_temperature, softcap=softcap,
                            vocab_size=vocab_size, reduction=reduction, chunk_size=chunk_size,
-                           backend=backend)
+                           backend=backend, fp32_grad_accumulation=fp32_grad_accumulation)
         probe = torch.zeros(1, vocab_size or 2)
         F.kd_loss(probe, probe, None, **{k: v for k, v in self.kwargs.items()
-                                         if k not in ("chunk_size", "backend", "hard_label_weight")},
+                                         if k not in ("chunk_size", "backend", "hard_label_weight",
+                                                      "fp32_grad_accumulation")},
                   backend="torch")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

@@ -29,10 +29,12 @@ def make_linear(lead, Hs, Ht, V, dtype, device, label_mode="partial", bias=True,
     return hs, ws, bs, ht, wt, bt, labels
 
 
-def run_both(hs, ws, bs, ht, wt, bt, labels, backend, chunk_size=None, **kw):
+def run_both(hs, ws, bs, ht, wt, bt, labels, backend, chunk_size=None, fp32_grad_accumulation=True,
+             **kw):
     leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (hs, ws, bs)]
     out = fastkd.fused_linear_kd_loss(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
-                                      teacher_bias=bt, chunk_size=chunk_size, backend=backend, **kw)
+                                      teacher_bias=bt, chunk_size=chunk_size, backend=backend,
+                                      fp32_grad_accumulation=fp32_grad_accumulation, **kw)
     d = [x.detach().double().requires_grad_() if x is not None else None for x in (hs, ws, bs)]
     zs = d[0] @ d[1].T + (d[2] if d[2] is not None else 0)
     zt = ht.double() @ wt.double().T + (bt.double() if bt is not None else 0)
@@ -137,3 +139,24 @@ def test_fused_linear_module_and_errors():
     for needle, call in cases:
         with pytest.raises(ValueError, match=needle):
             call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_weight_grad_in_the_weights_dtype(backend):
+    """fp32_grad_accumulation=False sums the weight and bias gradients in their own dtype: the
+    same as float32 accumulation for float32 weights (bitwise), within the low-precision bound
+    of the float64 oracle for bfloat16 over many chunks."""
+    device = skip_unless_available(backend)
+    kw = dict(divergence="forward_kl", temperature=2.0, hard_label_weight=0.3)
+    data32 = make_linear((37,), 24, 40, 211, torch.float32, device)
+    a = run_both(*data32, backend, chunk_size=4, **kw)
+    b = run_both(*data32, backend, chunk_size=4, fp32_grad_accumulation=False, **kw)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    data16 = make_linear((37,), 24, 40, 211, torch.bfloat16, device)
+    out, ref, g, rg = run_both(*data16, backend, chunk_size=4, fp32_grad_accumulation=False, **kw)
+    assert g[1].dtype == torch.bfloat16 and g[2].dtype == torch.bfloat16
+    check(out, ref, g, rg, torch.bfloat16)
+    with pytest.raises(TypeError, match="fp32_grad_accumulation"):
+        fastkd.fused_linear_kd_loss(*data32[:2], *data32[3:5], fp32_grad_accumulation=1)
+    with pytest.raises(TypeError, match="fp32_grad_accumulation"):
+        fastkd.FusedLinearKDLoss(fp32_grad_accumulation="yes")

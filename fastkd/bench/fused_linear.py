@@ -37,6 +37,7 @@ class FusedLinearCase(BenchCase):
     temperature: float = TEMPERATURE
     beta: float = BETA
     skew: float = SKEW
+    fp32_acc: bool = True  # fused_linear_kd_loss(fp32_grad_accumulation=...)
 
     family = "fused_linear"
     loss = "fused_linear_kd_loss"
@@ -45,7 +46,8 @@ class FusedLinearCase(BenchCase):
 
     @property
     def name(self) -> str:
-        return self.divergence
+        # the weight gradient summed in the weight's dtype: no V x H float32 buffer
+        return self.divergence if self.fp32_acc else f"{self.divergence}/lean-acc"
 
     @property
     def shape(self) -> str:
@@ -82,10 +84,11 @@ class FusedLinearCase(BenchCase):
             def f(hs, ws, ht, wt, labels):
                 return fastkd.fused_linear_kd_loss(hs, ws, ht, wt, labels, divergence=div,
                                                    temperature=T, beta=beta, skew=skew,
-                                                   backend=backend)
+                                                   backend=backend,
+                                                   fp32_grad_accumulation=self.fp32_acc)
             return f
 
-        liger = _liger(self) if torch.device(device).type == "cuda" else None
+        liger = _liger(self) if torch.device(device).type == "cuda" and self.fp32_acc else None
         # the chunks run the kd family's kernel, so its backends are the ones available
         return implementations_for(device, "kd", ours, eager, liger, selected)
 
@@ -108,7 +111,9 @@ def _liger(case: FusedLinearCase):
     return liger
 
 
-# preset -> device type -> list of (n, hs, ht, v), dtypes, divergences
+# preset -> device type -> list of (n, hs, ht, v), dtypes, divergences; on GPU, 16-bit cases of
+# the full preset also run with the weight gradient summed in the weight's dtype (lean-acc): the
+# float32 accumulator alone is V x H_s x 4 bytes, 1 GiB at the target shape
 PRESETS = {
     "tiny": {"cpu": ([(16, 8, 12, 64)], ["float32"], ["forward_kl"]),
              "cuda": ([(128, 64, 96, 1024)], ["float32"], ["forward_kl", "jsd"])},
@@ -125,5 +130,9 @@ PRESETS = {
 def preset_cases(preset: str, device_type: str,
                  dtypes: Optional[Sequence[str]] = None) -> List[FusedLinearCase]:
     shapes, p_dtypes, divs = PRESETS[preset]["cuda" if device_type == "cuda" else "cpu"]
-    return [FusedLinearCase(d, dt, *shape) for shape in shapes for dt in (dtypes or p_dtypes)
-            for d in divs]
+    cases = [FusedLinearCase(d, dt, *shape) for shape in shapes for dt in (dtypes or p_dtypes)
+             for d in divs]
+    if preset == "full" and device_type == "cuda":
+        cases += [FusedLinearCase(d, dt, *shape, fp32_acc=False) for shape in shapes
+                  for dt in (dtypes or p_dtypes) if dt != "float32" for d in divs[:1]]
+    return cases
