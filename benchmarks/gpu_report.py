@@ -519,6 +519,75 @@ def load_stages(dirs: list) -> dict:
     return stages
 
 
+def _bench_rows(stages: dict) -> list:
+    """The result rows of the bench stage's JSON, [] when it did not run or wrote none."""
+    be = stages.get("bench") or {}
+    path = os.path.join(be.get("from", ""), be.get("json") or "")
+    if not be.get("json") or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f).get("results", [])
+
+
+def target_rows(rows: list) -> list:
+    """Issue 8's targets against the bench rows: [(target, measured, met: True/False/None)].
+
+    Each target names its case (family fields as in fastkd.bench) and what it asks; the best
+    fastkd backend of the case is the one compared. None = not measured (or no baseline).
+    """
+    def pick(**want):
+        return [r for r in rows if r.get("error") is None and all(r.get(k) == v for k, v in want.items())]
+
+    def best(cands):
+        ours = [r for r in cands if r["impl"] in ("triton", "cuda", "cpp", "torch")]
+        return min(ours, key=lambda r: r["median_s"]) if ours else None
+
+    def baseline(cands, impl):
+        found = [r for r in cands if r["impl"] == impl]
+        return found[0] if found else None
+
+    out = []
+    for div in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"):
+        c = pick(family="kd", case=div, n=8192, v=128256, dtype="bfloat16")
+        b = best(c)
+        tb = b["gb_per_s"] / 1e3 if b and b.get("gb_per_s") else None
+        out.append((f"kd {div} N=8192 V=128256 bf16: >= 2.4 TB/s",
+                    f"{tb:.2f} TB/s ({b['impl']})" if tb else "not measured", None if tb is None else tb >= 2.4))
+        for impl, need, name in (("liger", 10.0, "Liger"), ("compile", 3.0, "torch.compile")):
+            base = baseline(c, impl)
+            x = base["median_s"] / b["median_s"] if b and base else None
+            out.append((f"kd {div}: >= {need:g}x {name}", f"{x:.2f}x" if x else "no baseline row",
+                        None if x is None else x >= need))
+    for acc, label in ((True, ""), (False, " (fp32_grad_accumulation=False)")):
+        c = pick(family="fused_linear", case="forward_kl" if acc else "forward_kl/lean-acc", n=8192,
+                 hs=2048, ht=4096, v=128256, dtype="bfloat16")
+        b = best(c)
+        ms = b["median_s"] * 1e3 if b else None
+        gb = b["peak_bytes"] / 1e9 if b and b.get("peak_bytes") is not None else None
+        out.append((f"fused_linear forward_kl N=8192 Hs=2048 Ht=4096 V=128256 bf16{label}: < 40 ms",
+                    f"{ms:.1f} ms ({b['impl']})" if ms else "not measured", None if ms is None else ms < 40))
+        out.append((f"fused_linear{label}: < 1 GB extra memory", f"{gb:.2f} GB" if gb is not None else "not measured",
+                    None if gb is None else gb < 1.0))
+    c = pick(family="sparse_kd", n=8192, v=128256, k=64, dtype="bfloat16")
+    b = best(c)
+    tb = b["gb_per_s"] / 1e3 if b and b.get("gb_per_s") else None
+    out.append(("sparse_kd N=8192 V=128256 k=64 bf16: >= 2.4 TB/s",
+                f"{tb:.2f} TB/s ({b['impl']})" if tb else "not measured", None if tb is None else tb >= 2.4))
+    errs = [r for r in rows if r.get("family") == "relational" and r.get("which") == "rkd_distance"
+            and r.get("n") == 16384 and r["impl"] == "eager"]
+    c = pick(family="relational", which="rkd_distance", n=16384)
+    b, base = best(c), baseline(c, "eager")
+    if b and base:
+        x = base["median_s"] / b["median_s"]
+        out.append(("rkd_distance N=16384: eager out of memory or >= 5x slower", f"{x:.2f}x faster", x >= 5))
+    else:
+        oom = any("memory" in (r.get("error") or "").lower() for r in errs)
+        out.append(("rkd_distance N=16384: eager out of memory or >= 5x slower",
+                    ("eager out of memory; fastkd ran" if oom and b else "not measured"),
+                    (True if oom and b else None)))
+    return out
+
+
 def summarize(stages: dict) -> tuple:
     """(summary dict, markdown text) from stage results."""
     env = (stages.get("env") or {}).get("result") or {}
@@ -601,6 +670,13 @@ def summarize(stages: dict) -> tuple:
                 ms = ", ".join(f"{b} {t:.3f}" for b, t in sorted(entry.get("ms", {}).items()))
                 md.append(f"| {key} | {entry.get('backend')} | {ms} |")
             md.append("")
+    targets = target_rows(_bench_rows(stages))
+    if any(met is not None for _, _, met in targets):
+        md += ["## Issue 8's targets (from the bench JSON; the fastest fastkd backend of each case)", "",
+               "| target | measured | met |", "|---|---|---|"]
+        md += [f"| {t} | {m} | {'yes' if met else 'NO' if met is not None else '-'} |" for t, m, met in targets]
+        md.append("")
+        summary["targets"] = [{"target": t, "measured": m, "met": met} for t, m, met in targets]
     be = stages.get("bench")
     if be:
         md += ["## Benchmarks: `python -m " + be.get("command", "fastkd.bench --full") + "`",

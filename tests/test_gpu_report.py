@@ -115,6 +115,21 @@ def test_summary_merges_runs(gr, tmp_path):
                                                      "seconds": 5}}},
     })
     (run2 / "bench-full.txt").write_text("divergence  dtype  impl  median ms\nforward_kl bf16 fastkd[cuda] 2.6\n")
+    kd = dict(family="kd", case="forward_kl", n=8192, v=128256, dtype="bfloat16", error=None)
+    fl = dict(family="fused_linear", case="forward_kl", n=8192, hs=2048, ht=4096, v=128256,
+              dtype="bfloat16", error=None)
+    (run2 / "bench-full.json").write_text(json.dumps({"results": [
+        {**kd, "impl": "cuda", "median_s": 0.0025, "gb_per_s": 2520.0},
+        {**kd, "impl": "triton", "median_s": 0.003, "gb_per_s": 2100.0},
+        {**kd, "impl": "liger", "median_s": 0.02, "gb_per_s": 315.0},
+        {**kd, "impl": "compile", "median_s": 0.006, "gb_per_s": 1050.0},
+        {**fl, "impl": "triton", "median_s": 0.045, "peak_bytes": 1.6e9},
+        {**fl, "case": "forward_kl/lean-acc", "impl": "triton", "median_s": 0.038, "peak_bytes": 0.7e9},
+        {"family": "relational", "which": "rkd_distance", "n": 16384, "impl": "eager", "median_s": None,
+         "error": "OutOfMemoryError: CUDA out of memory"},
+        {"family": "relational", "which": "rkd_distance", "n": 16384, "impl": "cuda", "median_s": 0.05,
+         "error": None},
+    ]}))
     r = _run("--summarize", str(run1), str(run2), "--out", str(out))
     assert r.returncode == 0, r.stderr
     md = (out / "summary.md").read_text()
@@ -125,4 +140,13 @@ def test_summary_merges_runs(gr, tmp_path):
     assert "error: RuntimeError: boom" in md and "fastkd[cuda] 2.6" in md
     assert summary["stages"]["tests"]["total"] == {"passed": 13, "failed": 1, "errors": 0, "skipped": 2}
     assert "| kd|bfloat16|131072 | cuda | cuda 0.610, triton 0.850 |" in md
+    # the targets table, from the bench JSON: the fastest fastkd backend against each target
+    assert "| kd forward_kl N=8192 V=128256 bf16: >= 2.4 TB/s | 2.52 TB/s (cuda) | yes |" in md
+    assert "| kd forward_kl: >= 10x Liger | 8.00x | NO |" in md
+    assert "| kd forward_kl: >= 3x torch.compile | 2.40x | NO |" in md
+    assert "| kd jsd N=8192 V=128256 bf16: >= 2.4 TB/s | not measured | - |" in md
+    assert "< 40 ms | 45.0 ms (triton) | NO |" in md and "< 40 ms | 38.0 ms (triton) | yes |" in md
+    assert "< 1 GB extra memory | 1.60 GB | NO |" in md and "< 1 GB extra memory | 0.70 GB | yes |" in md
+    assert "| rkd_distance N=16384: eager out of memory or >= 5x slower | eager out of memory; fastkd ran | yes |" in md
+    assert {"target", "measured", "met"} <= set(summary["targets"][0])
     assert "tests-cuda: `python benchmarks/gpu_report.py" in md  # the one stage neither run has
