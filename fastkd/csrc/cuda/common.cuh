@@ -706,10 +706,13 @@ void set_row_io(P& params, const std::optional<at::Tensor>& grad_student, const 
 }
 
 // Launches fn over rows [0, N) as planned: plan.nsplit CTAs per row (a thread-block cluster when
-// more than one), in chunks of rows that keep gridDim.x below 2^31; params.row0 is set to each
-// chunk's first row.
+// more than one), in chunks of rows that keep gridDim.x below 2^31; the plan's split, slice and
+// cache flag go into params, and params.row0 is set to each chunk's first row.
 template <class P>
 void launch_rows(void (*fn)(P), const Plan& plan, int64_t N, P& params, cudaStream_t stream) {
+  params.nsplit = plan.nsplit;
+  params.slice = plan.slice;
+  params.cache = plan.cache;
   const int64_t max_rows = INT_MAX / plan.nsplit;  // gridDim.x < 2^31
   for (int64_t r0 = 0; r0 < N; r0 += max_rows) {
     params.row0 = r0;

@@ -418,10 +418,6 @@ void kd_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const std
   const KernelFn fn = wide ? pick_div<double>(divergence, P.ds, P.dt) : pick_div<float>(divergence, P.ds, P.dt);
   const Plan plan = make_plan(reinterpret_cast<const void*>(fn), device, V, P.es + P.et, stream,
                               "FASTKD_CUDA_KD_MAX_SPLIT");
-  P.nsplit = plan.nsplit;
-  P.slice = plan.slice;
-  P.cache = plan.cache;
-
   launch_rows(fn, plan, N, P, stream);
 }
 

@@ -479,10 +479,6 @@ void sparse_kd_fwd_cuda(const at::Tensor& student, const at::Tensor& indices, co
     plan.slice = (V + 7) / 8 * 8;
     plan.threads = threads_for(plan.slice);
   }
-  P.nsplit = plan.nsplit;
-  P.slice = plan.slice;
-  P.cache = plan.cache;
-
   launch_rows(fn, plan, N, P, stream);
 }
 
