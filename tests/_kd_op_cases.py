@@ -6,6 +6,11 @@ dtype: at most twice the error of the same reference run in float32, plus ~1e-5 
 Gradients stored in fp16/bf16 may differ from the rounded float64 result by one rounding.
 An input in float64 takes the float64 path, which must match the reference to ~1e-10.
 """
+import os
+import subprocess
+import sys
+import tempfile
+
 import torch
 
 from conftest import skip_unless_available
@@ -141,3 +146,18 @@ def opcheck_args(labels, grad_s, grad_t, div=0, hard=0.0, device="cpu"):
     gt = torch.empty_like(t) if grad_t else None
     return (s, t, y, loss, gs, gt, *_args(_cfg(divergence=div, temperature=2.0, hard_weight=hard)))
 
+
+
+def outputs_under_env(code: str, var: str, values=("1", "16")):
+    """Runs ``code`` (a script that torch.saves its outputs to sys.argv[1]) once per value of the
+    environment variable ``var`` in a fresh process (a CUDA kernel reads its launch caps once per
+    process), and returns the loaded outputs in order."""
+    results = []
+    for value in values:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "out.pt")
+            r = subprocess.run([sys.executable, "-c", code, path], env=dict(os.environ, **{var: value}),
+                               capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, f"{var}={value}: {r.stderr[-3000:]}"
+            results.append(torch.load(path))
+    return results

@@ -13,9 +13,6 @@ row's bytes and the device; the shapes here and there reach each of them:
 """
 import functools
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +23,7 @@ require_cuda_kernel("kd")
 
 import _kd_op_cases as cases  # noqa: E402
 from fastkd import _backend  # noqa: E402
-from _kd_op_cases import DIVS, IGNORE, _args, _cfg, compare  # noqa: E402
+from _kd_op_cases import DIVS, IGNORE, _args, _cfg, compare, outputs_under_env  # noqa: E402
 from _kd_op_cases import run_op as run_cuda  # noqa: E402
 
 op = torch.ops.fastkd.kd_fwd
@@ -148,14 +145,7 @@ def test_one_cta_per_row_layouts_agree():
         "        op(s, t, y, loss, gs, gt, div, 2.0, 0.3, 0.1, -100, 1.0, 0.5, True, 0.0)\n"
         "        out.append((loss.cpu(), gs.float().cpu(), gt.float().cpu()))\n"
         "torch.save(out, __import__('sys').argv[1])\n")
-    results = []
-    for cap in ("1", "16"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastkd_split{cap}_{os.getpid()}.pt")
-        env = dict(os.environ, FASTKD_CUDA_KD_MAX_SPLIT=cap)
-        r = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        results.append(torch.load(path))
-        os.remove(path)
+    results = outputs_under_env(code, "FASTKD_CUDA_KD_MAX_SPLIT")
     for (l1, gs1, gt1), (l2, gs2, gt2) in zip(*results):
         torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
         for a, b in ((gs1, gs2), (gt1, gt2)):

@@ -9,9 +9,6 @@ thousand: one CTA per row, the row in shared memory; V = 128256 in 16-bit: a clu
 row (sm_90); V ~ 1M in float32: no split fits shared memory and pass 2 re-reads global memory.
 """
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ from conftest import require_cuda_kernel
 
 require_cuda_kernel("sparse_kd")
 
-from _kd_op_cases import _check, make_labels  # noqa: E402
+from _kd_op_cases import _check, make_labels, outputs_under_env  # noqa: E402
 from test_native_sparse import compare as native_compare  # noqa: E402
 from test_native_sparse import DIVS, DTYPES, F64, IGNORE, LABELS, TAILS, _args, _cfg, _wide, make, run_ref  # noqa: E402
 
@@ -195,14 +192,7 @@ def test_one_cta_per_row_layouts_agree():
         "        op(s, idx, v, y, loss, gs, div, 2.0, 0.3, 0.1, tail, -100, 1.0, 0.5, True)\n"
         "        out.append((loss.cpu(), gs.float().cpu()))\n"
         "torch.save(out, __import__('sys').argv[1])\n")
-    results = []
-    for cap in ("1", "16"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastkd_sparse_split{cap}_{os.getpid()}.pt")
-        env = dict(os.environ, FASTKD_CUDA_SPARSE_MAX_SPLIT=cap)
-        r = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        results.append(torch.load(path))
-        os.remove(path)
+    results = outputs_under_env(code, "FASTKD_CUDA_SPARSE_MAX_SPLIT")
     for (l1, g1), (l2, g2) in zip(*results):
         torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g1, g2, rtol=2**-7, atol=1e-6 + 1e-5 * g2.abs().max().item())
