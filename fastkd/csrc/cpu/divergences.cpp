@@ -391,7 +391,9 @@ void kd_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const std:
     lab = L.data_ptr<int64_t>();
     l0 = L.stride(0);
     l1 = L.stride(1);
-    for (int64_t i = 0; i < N; ++i) {  // before any thread starts: errors stay on this thread
+    // Labels index the student row only for the hard loss; with hard_weight = 0 they are just
+    // the valid-row mask (any value but ignore_index is a valid row), as on every backend.
+    for (int64_t i = 0; hard_weight != 0.0 && i < N; ++i) {  // before any thread starts
       const int64_t y = lab[(i / R) * l0 + (i % R) * l1];
       TORCH_CHECK(y == ignore_index || (y >= 0 && y < V), "fastkd::kd_fwd: label ", y, " at row ", i,
                   " is out of range for a vocabulary of ", V, " (ignore_index is ", ignore_index, ")");

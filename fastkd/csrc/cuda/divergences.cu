@@ -159,7 +159,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A, TS>) kd_fwd_kernel(
   char* gt_sl = P.has_gt ? P.gt + bi * P.gt_sb + ri * P.gt_sr + v0 * et : nullptr;
 
   int64_t label = -1;
-  bool bad = false;  // a label outside [0, V) that is not ignore_index: NaN loss and gradient
+  // a label outside [0, V) that is not ignore_index, with the hard loss on: NaN loss and gradient
+  // (without the hard loss a label is only the valid-row mask, as on every backend)
+  bool bad = false;
   if (P.has_labels) {
     label = P.labels[bi * P.l_sb + ri * P.l_sr];
     if (label == P.ignore_index) {  // loss 0, gradient 0; the logits are never read
@@ -175,7 +177,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A, TS>) kd_fwd_kernel(
       if (rank == 0 && tid == 0) write_loss<A>(P, bi, ri, A(0));
       return;  // the whole cluster returns here (same row), before any cluster barrier
     }
-    bad = label < 0 || label >= P.V;
+    bad = P.hard && (label < 0 || label >= P.V);
   }
 
   const bool capped = P.capped, sep1 = P.hard && !P.unit_t;
