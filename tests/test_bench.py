@@ -125,6 +125,33 @@ def test_run_every_family_has_a_row_per_implementation():
     assert "rkd_angle_loss" not in counts["relational"]["flops"]
 
 
+def test_a_checkpoint_after_every_case_keeps_a_run_cut_short():
+    """run() hands the report so far to ``checkpoint`` after each case (what --json writes), so
+    a bench stopped by a time limit still leaves every case it finished."""
+    cases = TINY[:3]
+    seen = []
+    report = run(cases, "cpu", ["eager", "cpp"], min_time=0.0, max_reps=2, progress=False,
+                 roofline_bytes=2**20, checkpoint=lambda partial: seen.append(json.loads(json.dumps(partial,
+                                                                                                  default=str))))
+    assert len(seen) == len(cases) and report["meta"]["complete"] is True
+    for i, partial in enumerate(seen):
+        assert partial["meta"]["complete"] is False
+        labels = [r["label"] for r in partial["results"]]
+        assert labels == [r["label"] for r in report["results"]][:len(labels)]
+        assert sorted(set(labels), key=labels.index) == [c.label for c in cases[:i + 1]]
+        assert all(r["check"] in ("ok", "ref") for r in partial["results"])  # derived, like the end
+
+
+def test_write_json_replaces_the_file_whole(tmp_path):
+    from fastkd.bench import write_json
+
+    path = tmp_path / "r.json"
+    write_json({"results": [1]}, str(path))
+    write_json({"results": [1, 2]}, str(path))
+    assert json.loads(path.read_text()) == {"results": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
+
+
 def test_main_writes_json_with_device_metadata(tmp_path, capsys):
     out = tmp_path / "res" / "bench.json"
     rc = main(["--tiny", "--divergence", "tvd", "--backend", "torch,eager", "--dtype", "fp32",
@@ -139,6 +166,7 @@ def test_main_writes_json_with_device_metadata(tmp_path, capsys):
                 "git_commit", "backends", "copy_gb_per_s", "wall_s"):
         assert key in meta, key
     assert meta["device_type"] == "cpu" and meta["torch_threads"] >= 1
+    assert meta["complete"] is True  # the last checkpoint is the whole run
     # the matmul roofline, in the dtype of every FLOP-counting case, and its %mm column
     assert set(meta["matmul_tflop_per_s"]) == {"float32"}
     assert _finite_positive(meta["matmul_tflop_per_s"]["float32"])

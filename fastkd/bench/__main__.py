@@ -133,7 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "note": note}
     report = run(todo, device, select, min_time=min_time, isolate=isolate,
                  roofline_bytes=cfg["roofline_bytes"], settings=settings,
-                 progress=not args.no_progress, skip_reference=skip_reference)
+                 progress=not args.no_progress, skip_reference=skip_reference,
+                 # after each case: a run stopped by a time limit keeps what it measured
+                 checkpoint=(lambda partial: write_json(partial, args.json)) if args.json else None)
     print(format_table(report), end="", flush=True)
     if args.json:
         write_json(report, args.json)

@@ -527,13 +527,16 @@ def _impl_names(case: BenchCase, dev, select, skip_reference: bool) -> List[str]
 def run(cases: List[BenchCase], device=None, select: Optional[List[str]] = None,
         min_time: float = 1.0, max_reps: int = 50, isolate: str = "none",
         progress: bool = True, roofline_bytes: Optional[int] = 256 * 2**20,
-        settings: Optional[dict] = None, skip_reference: bool = False) -> dict:
+        settings: Optional[dict] = None, skip_reference: bool = False,
+        checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
     """Measure every case; returns the report (``meta``, ``settings``, ``results``).
 
     isolate: ``"none"`` runs everything here; ``"case"`` runs each case in a fresh child process,
     ``"impl"`` each (case, implementation). Only CPU memory needs it; CUDA always runs here.
     progress: a bar (or counter lines) on stderr, see ``progress.Progress``.
     skip_reference: leave out fastkd's ``torch`` backend in cases where a native one runs.
+    checkpoint: called with the report so far (``meta["complete"]`` False) after each case, so
+    that a run cut short by a time limit still leaves every case it finished.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isolate not in ("none", "case", "impl"):
@@ -557,6 +560,20 @@ def run(cases: List[BenchCase], device=None, select: Optional[List[str]] = None,
 
     results: List[dict] = []
     started = time.perf_counter()
+    all_settings = {**(settings or {}), "isolate": isolate, "min_time_s": min_time,
+                    "max_reps": max_reps, "counts": _counts([c for c, _ in todo]),
+                    "timing": "do_bench median, L2 cleared" if dev.type == "cuda"
+                    else "median of timeit blocks",
+                    "memory": MEMORY_CUDA if dev.type == "cuda" else MEMORY_CPU}
+
+    def report(complete: bool) -> dict:
+        rows = [dict(r) for r in results]
+        _derive(rows)
+        m = {**meta, "wall_s": time.perf_counter() - started, "complete": complete}
+        if complete:
+            m["loadavg_end"] = _loadavg()
+        return {"schema": "fastkd.bench/2", "meta": m, "settings": all_settings, "results": rows}
+
     try:
         for case, names in todo:
             if not names:
@@ -568,18 +585,11 @@ def run(cases: List[BenchCase], device=None, select: Optional[List[str]] = None,
             else:
                 for name in names:
                     results += _run_case_child(case, dev, [name], min_time, max_reps, on_event)
+            if checkpoint:
+                checkpoint(report(complete=False))
     finally:
         bar.close()
-    _derive(results)
-    meta["wall_s"] = time.perf_counter() - started
-    meta["loadavg_end"] = _loadavg()
-    return {"schema": "fastkd.bench/2", "meta": meta,
-            "settings": {**(settings or {}), "isolate": isolate, "min_time_s": min_time,
-                         "max_reps": max_reps, "counts": _counts([c for c, _ in todo]),
-                         "timing": "do_bench median, L2 cleared" if dev.type == "cuda"
-                         else "median of timeit blocks",
-                         "memory": MEMORY_CUDA if dev.type == "cuda" else MEMORY_CPU},
-            "results": results}
+    return report(complete=True)
 
 
 # ----------------------------------------------------------------------------- output
@@ -689,8 +699,12 @@ def summary(report: dict) -> List[str]:
 
 
 def write_json(report: dict, path: str) -> None:
+    """Writes the report whole or not at all (a temporary file renamed over ``path``): a
+    process killed while writing a checkpoint leaves the previous one readable."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(report, f, indent=1, sort_keys=False, default=str)
         f.write("\n")
+    os.replace(tmp, path)
