@@ -17,25 +17,30 @@ it runs over, so one hang cannot eat the budget; all output goes to DIR/logs/ an
              (one read of each input, one write of the gradient) and as a fraction of the rooflines,
              after a correctness check of those rows against the reference
   tests-cuda the cuda backend's own test files, then the cuda cases (-k cuda) of the family suites
+  bench      python -m fastkd.bench --full in two parts, each to its own JSON, written after every
+             case: first one kd divergence and every other family's target shape (bench-targets.*),
+             then kd's other five divergences (bench-kd-rest.*)
+  tests      the rest of the pytest suite with FASTKD_REQUIRE_BACKENDS=torch,cpp,triton,cuda, so a
+             backend that fails to build fails its tests instead of skipping them
   tune       fastkd.autotune_backends(): triton vs cuda per family (kd, sparse_kd, attention_map,
              rkd_distance), dtype and size class; writes DIR/tuning.json in the format of
              fastkd/tuning/*.json (commit it there to ship the choices for this GPU)
-  bench      python -m fastkd.bench --full --json DIR/bench-full.json (table in DIR/bench-full.txt)
-  tests      the rest of the pytest suite, one process per file (kd files first), each with a
-             share of the remaining budget; FASTKD_REQUIRE_BACKENDS=torch,cpp,triton,cuda, so a
-             backend that fails to build fails its tests instead of skipping them
+
+Test stages run pytest-xdist with several workers on the one GPU and pytest-timeout per test where
+those plugins are installed (both are on the lent machines), else one process per file.
 
 The budget (--budget-s, default 560 s) bounds the whole invocation: a stage gets at most the
 time left, and stages that no longer fit are recorded as skipped with the command that runs them.
 Every invocation writes DIR/summary.md and DIR/summary.json from the stage results in DIR
 (DIR/stages/*.json), ready to be copied to benchmarks/results/<device>-<date>.{txt,json}.
 
-On a machine lent for 30 minutes with at most 10 per command, three commands cover everything
-(a fresh machine recompiles the extension, ~1-3 minutes, in each):
-    python benchmarks/gpu_report.py --out $OUT                     # env .. tests-cuda (+ more if time)
-    python benchmarks/gpu_report.py --out $OUT --stages env,bench --budget-s 540
-    python benchmarks/gpu_report.py --out $OUT --stages env,tests --budget-s 540
-then, on any machine: --summarize <the three fetched folders> --out <folder>.
+A session is lent a GPU for 15 minutes in all (the machine's start, a minute or two, included),
+at most 10 per command. So: one command that does everything in order of worth, then, on the
+machine still warm, one short command for what the first left (its summary says which):
+    python benchmarks/gpu_report.py --out $OUT --budget-s 560          # timeout_s 590
+    python benchmarks/gpu_report.py --out $OUT --stages env,tests,tune --budget-s 200
+(a fresh machine recompiles the extension, ~1.5 minutes; a warm one reuses it), then, on any
+machine: --summarize <the fetched folders> --out <folder>.
 
 Liger-Kernel is pure Python but not installed on a machine without network: download its wheel
 beforehand (`pip download liger-kernel --no-deps -d benchmarks/wheels`, a git-ignored folder that
@@ -47,6 +52,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -58,10 +64,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = "fastkd.gpu_report/1"
-STAGES = ("env", "build", "roofline", "kd-target", "tests-cuda", "tune", "bench", "tests")
+STAGES = ("env", "build", "roofline", "kd-target", "tests-cuda", "bench", "tests", "tune")
 # the most a stage may take (it gets less when the budget has less left)
-STAGE_CAP_S = {"env": 90, "build": 480, "roofline": 180, "kd-target": 240, "tests-cuda": 360, "tune": 300,
-               "bench": 540, "tests": 540}
+STAGE_CAP_S = {"env": 60, "build": 360, "roofline": 90, "kd-target": 180, "tests-cuda": 240, "bench": 240,
+               "tests": 540, "tune": 240}
+# bench parts, in order of worth: each issue target's shape once, then kd's other divergences
+BENCH_PARTS = (("targets", ["--full", "--divergence", "forward_kl"]),
+               ("kd-rest", ["--full", "--loss", "kd", "--divergence",
+                            "reverse_kl,jsd,skew_forward_kl,skew_reverse_kl,tvd"]))
+XDIST_WORKERS = 8      # pytest-xdist processes sharing the one GPU in a test stage
+TEST_TIMEOUT_S = 240   # pytest-timeout, per test: one hung test cannot take the stage
 # (test_cuda_compile.py is left to the tests stage: the build stage compiles the same sources)
 CUDA_TEST_FILES = ("tests/test_native_cuda.py", "tests/test_native_sparse_cuda.py")
 # the family suites whose backend-parametrized cases include cuda: tests-cuda runs those cases
@@ -350,48 +362,67 @@ def _arch_list() -> str | None:
         return None
 
 
+_STATUS = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped", "XFAIL": "xfailed",
+           "XPASS": "xpassed"}
+# `-v` result lines: plain pytest "ID STATUS [ 10%]", pytest-xdist "[gw3] [ 10%] STATUS ID"
+_LINE = re.compile(r"^(?:(?P<id>\S+::\S+) (?P<st>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)"
+                   r"|\[gw\d+\] \[\s*\d+%\] (?P<st2>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (?P<id2>\S+::\S+))", re.M)
+
+
 def _pytest_counts(text: str, junit: str | None) -> dict:
     """passed/failed/errors/skipped from the junit xml when written, else from `-v` lines
-    (which survive a timeout), plus the failing test ids."""
-    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "xfailed": 0, "xpassed": 0}
-    failed = []
+    (which survive a timeout), plus the failing test ids and the same counts per test file."""
+    outcomes = []  # (test id, key)
     if junit and os.path.exists(junit):
         import xml.etree.ElementTree as ET
 
         root = ET.parse(junit).getroot()
         for case in root.iter("testcase"):
             tags = {c.tag for c in case}
-            cid = f"{case.get('classname')}::{case.get('name')}"
-            if "failure" in tags:
-                counts["failed"] += 1
-                failed.append(cid)
-            elif "error" in tags:
-                counts["errors"] += 1
-                failed.append(cid)
-            elif "skipped" in tags:
-                counts["skipped"] += 1
-            else:
-                counts["passed"] += 1
-        counts["source"] = "junit"
+            path = case.get("file") or case.get("classname", "").replace(".", "/") + ".py"
+            cid = f"{path}::{case.get('name')}"
+            key = ("failed" if "failure" in tags else "errors" if "error" in tags
+                   else "skipped" if "skipped" in tags else "passed")
+            outcomes.append((cid, key))
+        source = "junit"
     else:
-        for m in re.finditer(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", text, re.M):
-            key = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped",
-                   "XFAIL": "xfailed", "XPASS": "xpassed"}[m.group(2)]
-            counts[key] += 1
-            if key in ("failed", "errors"):
-                failed.append(m.group(1))
-        counts["source"] = "verbose lines (no junit xml: the run was cut short)"
-    counts["failed_ids"] = failed[:50]
+        for m in _LINE.finditer(text):
+            outcomes.append((m.group("id") or m.group("id2"), _STATUS[m.group("st") or m.group("st2")]))
+        source = "verbose lines (no junit xml: the run was cut short)"
+    keys = ("passed", "failed", "errors", "skipped", "xfailed", "xpassed")
+    counts = dict.fromkeys(keys, 0)
+    by_file, failed = {}, []
+    for cid, key in outcomes:
+        counts[key] += 1
+        f = by_file.setdefault(cid.split("::")[0], dict.fromkeys(keys, 0))
+        f[key] += 1
+        if key in ("failed", "errors"):
+            failed.append(cid)
+    counts.update(source=source, failed_ids=failed[:50], by_file=by_file)
     return counts
 
 
-def _pytest(runner: Runner, label: str, files: list, timeout: float, select: str | None = None) -> dict:
+def _plugin_args() -> list:
+    """pytest-xdist workers and a per-test timeout, where those plugins are installed."""
+    args = []
+    workers = min(XDIST_WORKERS, os.cpu_count() or 1)
+    if importlib.util.find_spec("xdist") and workers > 1:
+        args += ["-n", str(workers)]
+    if importlib.util.find_spec("pytest_timeout"):
+        args += [f"--timeout={TEST_TIMEOUT_S}"]
+    return args
+
+
+def _pytest(runner: Runner, label: str, files: list, timeout: float, select: str | None = None,
+            plugins: list | None = None) -> dict:
     junit = os.path.join(runner.out, "junit", f"{label}.xml")
     os.makedirs(os.path.dirname(junit), exist_ok=True)
     if os.path.exists(junit):
         os.remove(junit)
+    # xunit1: each testcase names its file, so counts can be given per file
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", "--tb=short",
-           f"--junitxml={junit}", *(["-k", select] if select else []), *files]
+           f"--junitxml={junit}", "-o", "junit_family=xunit1", *(_plugin_args() if plugins is None else plugins),
+           *(["-k", select] if select else []), *files]
     env = {"FASTKD_REQUIRE_BACKENDS": "torch,cpp,triton,cuda", "PYTHONUNBUFFERED": "1"}
     rc, took, log = runner.run(label, cmd, timeout, env)
     with open(log, encoding="utf-8", errors="replace") as f:
@@ -430,27 +461,54 @@ def stage_child(runner: Runner, stage: str, timeout: float) -> dict:
 
 
 def stage_bench(runner: Runner, timeout: float) -> dict:
-    js = os.path.join(runner.out, "bench-full.json")
-    txt = os.path.join(runner.out, "bench-full.txt")
-    cmd = [sys.executable, "-m", "fastkd.bench", "--full", "--json", js, "--no-progress"]
-    rc, took, log = runner.run("bench", cmd, timeout, {"PYTHONUNBUFFERED": "1"}, stdout_path=txt)
-    return {"rc": rc, "seconds": round(took, 1), "timed_out": rc is None, "command": " ".join(cmd[1:]),
-            "json": os.path.basename(js) if os.path.exists(js) else None, "table": os.path.basename(txt)}
+    """The bench parts in order, each within what is left of ``timeout``; every part's JSON holds
+    the cases it finished even when it is cut short."""
+    deadline = time.monotonic() + timeout
+    parts = []
+    for name, flags in BENCH_PARTS:
+        left = min(deadline - time.monotonic(), runner.left())
+        cmd = [sys.executable, "-m", "fastkd.bench", *flags, "--json", f"bench-{name}.json", "--no-progress"]
+        if left < 20:
+            parts.append({"part": name, "command": " ".join(cmd[1:]), "skipped": "no time left"})
+            continue
+        js, txt = (os.path.join(runner.out, f"bench-{name}.{ext}") for ext in ("json", "txt"))
+        cmd[-2] = js
+        rc, took, _ = runner.run(f"bench-{name}", cmd, left, {"PYTHONUNBUFFERED": "1"}, stdout_path=txt)
+        complete = None
+        if os.path.exists(js):
+            with open(js) as f:
+                complete = json.load(f).get("meta", {}).get("complete")
+        parts.append({"part": name, "rc": rc, "seconds": round(took, 1), "timed_out": rc is None,
+                      "command": " ".join(cmd[1:]).replace(js, f"DIR/bench-{name}.json"),
+                      "json": os.path.basename(js) if os.path.exists(js) else None, "complete": complete,
+                      "table": os.path.basename(txt)})
+    return {"parts": parts, "timed_out": any(p.get("timed_out") or p.get("skipped") for p in parts)}
 
 
-def stage_tests(runner: Runner, files: list, label: str) -> dict:
-    results, not_run = {}, []
-    for i, f in enumerate(files):
-        left = runner.left()
-        # an equal share of what is left for each file still to run, at least 60 s
-        share = max(60.0, left / (len(files) - i))
-        if left < 30:
-            not_run = files[i:]
-            break
-        results[f] = _pytest(runner, f"{label}-{os.path.basename(f)[:-3]}", [f], min(share, left))
+def stage_tests(runner: Runner, files: list, label: str, timeout: float) -> dict:
+    if "-n" in _plugin_args():  # pytest-xdist: one run over every file, the workers share it out
+        r = _pytest(runner, label, files, timeout)
+        by_file = r.pop("by_file")
+        results = {f: {**by_file.get(f, dict(passed=0, failed=0, errors=0, skipped=0)),
+                       "failed_ids": [i for i in r["failed_ids"] if i.startswith(f + "::")],
+                       "timed_out": False, "seconds": None} for f in files if f in by_file}
+        not_run = [f for f in files if f not in by_file] if r["timed_out"] else []
+        run_info = {k: r[k] for k in ("rc", "seconds", "timed_out", "log", "source")}
+    else:  # one process per file, each with a share of what is left
+        results, not_run, run_info = {}, [], None
+        for i, f in enumerate(files):
+            left = runner.left()
+            # an equal share of what is left for each file still to run, at least 60 s
+            share = max(60.0, left / (len(files) - i))
+            if left < 30:
+                not_run = files[i:]
+                break
+            results[f] = _pytest(runner, f"{label}-{os.path.basename(f)[:-3]}", [f], min(share, left))
+            results[f].pop("by_file")
     total = {k: sum(r.get(k, 0) for r in results.values()) for k in ("passed", "failed", "errors", "skipped")}
-    return {"files": results, "total": total, "not_run": not_run,
-            "timed_out": [f for f, r in results.items() if r["timed_out"]],
+    return {"files": results, "total": total, "not_run": not_run, "run": run_info,
+            "timed_out": [f for f, r in results.items() if r["timed_out"]] + (["(the xdist run)"] if (
+                run_info or {}).get("timed_out") else []),
             "rerun": f"python benchmarks/gpu_report.py --out DIR --stages {label} --test-files "
                      + ",".join(not_run) if not_run else None}
 
@@ -483,9 +541,11 @@ def plan(stages: list, budget: float, test_files: list | None) -> list:
         "kd-target": f"kd_fwd N={KD_N} V={KD_V} bf16: cuda vs triton, TB/s, checked vs reference",
         "tests-cuda": "pytest " + " ".join(CUDA_TEST_FILES) + "; pytest -k cuda " + " ".join(CUDA_FAMILY_FILES),
         "tune": "fastkd.autotune_backends(): triton vs cuda per family/dtype/size -> DIR/tuning.json",
-        "bench": "python -m fastkd.bench --full --json DIR/bench-full.json --no-progress",
-        "tests": "pytest, one process per file: " + " ".join(os.path.basename(f) for f in
-                                                             (test_files or _test_files())),
+        "bench": "; ".join(f"python -m fastkd.bench {' '.join(flags)} --json DIR/bench-{name}.json"
+                           for name, flags in BENCH_PARTS),
+        "tests": ("pytest " + " ".join(_plugin_args()) + " (one run): " if "-n" in _plugin_args()
+                  else "pytest, one process per file: ") + " ".join(os.path.basename(f) for f in
+                                                                    (test_files or _test_files())),
     }
     return [(s, desc[s], min(STAGE_CAP_S[s], budget)) for s in STAGES if s in stages]
 
@@ -520,13 +580,15 @@ def load_stages(dirs: list) -> dict:
 
 
 def _bench_rows(stages: dict) -> list:
-    """The result rows of the bench stage's JSON, [] when it did not run or wrote none."""
+    """The result rows of the bench stage's JSONs, [] when it did not run or wrote none."""
     be = stages.get("bench") or {}
-    path = os.path.join(be.get("from", ""), be.get("json") or "")
-    if not be.get("json") or not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f).get("results", [])
+    rows = []
+    for part in be.get("parts", []):
+        path = os.path.join(be.get("from", ""), part.get("json") or "")
+        if part.get("json") and os.path.exists(path):
+            with open(path) as f:
+                rows += json.load(f).get("results", [])
+    return rows
 
 
 def target_rows(rows: list) -> list:
@@ -654,6 +716,10 @@ def summarize(stages: dict) -> tuple:
         fails = [i for r in st.get("files", {}).values() for i in r.get("failed_ids", [])]
         if fails:
             md += ["", "failing: " + ", ".join(fails[:30])]
+        run = st.get("run") or {}
+        if run:
+            md += ["", f"one pytest-xdist run: rc={run.get('rc')}, {run.get('seconds')} s"
+                   + (" (TIMED OUT: counts from the lines it printed)" if run.get("timed_out") else "")]
         if st.get("not_run"):
             md += ["", f"not run (budget): {', '.join(st['not_run'])}; rerun: `{st.get('rerun')}`"]
         md.append("")
@@ -679,12 +745,17 @@ def summarize(stages: dict) -> tuple:
         md.append("")
         summary["targets"] = [{"target": t, "measured": m, "met": met} for t, m, met in targets]
     be = stages.get("bench")
-    if be:
-        md += ["## Benchmarks: `python -m " + be.get("command", "fastkd.bench --full") + "`",
-               f"rc={be.get('rc')}, {be.get('seconds')} s" + (" (TIMED OUT)" if be.get("timed_out") else "")
-               + f"; raw numbers: {be.get('json')}; table: {be.get('table')}", ""]
-        table = os.path.join(be.get("from", ""), be.get("table") or "")
-        if be.get("table") and os.path.exists(table):
+    for part in (be or {}).get("parts", []):
+        md += [f"## Benchmarks ({part.get('part')}): `python -m {part.get('command', 'fastkd.bench --full')}`"]
+        if part.get("skipped"):
+            md += [f"not run: {part['skipped']}", ""]
+            continue
+        md += [f"rc={part.get('rc')}, {part.get('seconds')} s" + (" (TIMED OUT)" if part.get("timed_out") else "")
+               + f"; raw numbers: {part.get('json')}"
+               + (" (cut short: the cases it finished)" if part.get("complete") is False else "")
+               + f"; table: {part.get('table')}", ""]
+        table = os.path.join(be.get("from", ""), part.get("table") or "")
+        if part.get("table") and os.path.exists(table):
             with open(table, encoding="utf-8", errors="replace") as f:
                 md += ["```", f.read().rstrip()[-20000:], "```", ""]
     missing = [s for s in STAGES if s not in stages]
@@ -737,7 +808,7 @@ def main(argv=None) -> int:
         print(f"gpu_report.py plan (budget {args.budget_s:.0f} s; a stage gets at most its cap and the time left):")
         for name, desc, cap in plan(stages, args.budget_s, test_files):
             print(f"  {name:<11} cap {cap:>4.0f}s  {desc}")
-        print(f"output: {args.out or 'DIR'}/summary.md, summary.json, raw.log, logs/, stages/, bench-full.*")
+        print(f"output: {args.out or 'DIR'}/summary.md, summary.json, raw.log, logs/, stages/, bench-*.json/txt")
         return 0
 
     if not args.out:
@@ -778,7 +849,7 @@ def main(argv=None) -> int:
         elif name == "bench":
             res = stage_bench(runner, timeout)
         else:
-            res = stage_tests(runner, test_files or _test_files(), "tests")
+            res = stage_tests(runner, test_files or _test_files(), "tests", timeout)
         runner.save(name, res)
     md = write_summary(args.out, [args.out])
     runner.log(f"summary: {os.path.join(args.out, 'summary.md')}")

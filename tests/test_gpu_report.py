@@ -36,7 +36,8 @@ def test_dry_run_lists_the_stages_in_order(gr):
     assert r.returncode == 0, r.stderr
     pos = [r.stdout.find(f"  {s} ") for s in gr.STAGES]
     assert all(p >= 0 for p in pos) and pos == sorted(pos), r.stdout
-    assert "fastkd.bench --full --json" in r.stdout and "test_native_cuda.py" in r.stdout
+    assert "fastkd.bench --full --divergence forward_kl --json DIR/bench-targets.json" in r.stdout
+    assert "--json DIR/bench-kd-rest.json" in r.stdout and "test_native_cuda.py" in r.stdout
     r = _run("--dry-run", "--stages", "env,bench", "--budget-s", "100")
     assert r.returncode == 0 and "  bench " in r.stdout and "  tests " not in r.stdout
     assert "cap  100s" in r.stdout  # no stage gets more than the budget
@@ -69,6 +70,47 @@ def test_pytest_counts_survive_a_timeout(gr):
     c = gr._pytest_counts(text, None)
     assert (c["passed"], c["failed"], c["skipped"], c["errors"]) == (1, 1, 1, 1)
     assert c["failed_ids"] == ["tests/test_a.py::test_x[2]", "tests/test_a.py::test_z"]
+
+
+def test_pytest_counts_read_xdist_lines_and_group_by_file(gr):
+    text = ("[gw0] [ 20%] SKIPPED tests/test_a.py::test_y \n[gw1] [ 40%] PASSED tests/test_a.py::test_x[1] \n"
+            "[gw0] [ 60%] ERROR tests/test_b.py::test_z \n[gw1] [ 80%] FAILED tests/test_b.py::test_x[a b] \n"
+            "[gw1] [100%] PASSED tests/test_b.py::test_w \n")
+    c = gr._pytest_counts(text, None)
+    assert (c["passed"], c["failed"], c["skipped"], c["errors"]) == (2, 1, 1, 1)
+    assert c["failed_ids"] == ["tests/test_b.py::test_z", "tests/test_b.py::test_x[a"]
+    assert c["by_file"]["tests/test_a.py"]["passed"] == 1 and c["by_file"]["tests/test_a.py"]["skipped"] == 1
+    assert (c["by_file"]["tests/test_b.py"]["errors"], c["by_file"]["tests/test_b.py"]["failed"]) == (1, 1)
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["per-file", "xdist"])
+def test_tests_stage_counts_per_file(gr, tmp_path, monkeypatch, xdist):
+    """The tests stage on a throwaway suite: per-file processes, or one pytest-xdist run whose
+    counts come back per file (from the junit xml, or from -v lines when it is cut short)."""
+    if xdist and importlib.util.find_spec("xdist") is None:
+        pytest.fail("pytest-xdist is in the test extras; install them (pip install -e '.[test]')")
+    monkeypatch.setattr(gr, "_plugin_args", lambda: ["-n", "2"] if xdist else [])
+    folder = os.path.join(ROOT, f".gpu-report-selftest-{os.getpid()}")
+    os.makedirs(folder)
+    try:
+        names = []
+        for name, body in (("test_one.py", "def test_a(): pass\ndef test_b(): assert 0\n"),
+                           ("test_two.py", "import pytest\n@pytest.mark.parametrize('i', [1, 2, 3])\n"
+                                           "def test_c(i): pass\ndef test_d(): pytest.skip('no')\n")):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(body)
+            names.append(os.path.relpath(os.path.join(folder, name), ROOT))
+        runner = gr.Runner(str(tmp_path), budget_s=300)
+        res = gr.stage_tests(runner, names, "tests", timeout=240)
+    finally:
+        import shutil
+
+        shutil.rmtree(folder)
+    one, two = (res["files"][n] for n in names)
+    assert (one["passed"], one["failed"], two["passed"], two["skipped"]) == (1, 1, 3, 1), res
+    assert one["failed_ids"] == [names[0] + "::test_b"] and not two["failed_ids"]
+    assert res["total"] == {"passed": 4, "failed": 1, "errors": 0, "skipped": 1} and res["not_run"] == []
+    assert (res["run"] is not None) == xdist
 
 
 def test_env_stage_runs_as_a_child(gr, tmp_path):
@@ -109,16 +151,18 @@ def test_summary_merges_runs(gr, tmp_path):
         "tune": {"rc": 0, "result": {"device_key": "NVIDIA H100 80GB HBM3|fastkd 0.1.0", "seconds": 40.0,
                                      "classes": {"kd|bfloat16|131072": {"backend": "cuda",
                                                                         "ms": {"cuda": 0.61, "triton": 0.85}}}}},
-        "bench": {"rc": 0, "seconds": 300, "command": "fastkd.bench --full --json x", "json": "bench-full.json",
-                  "table": "bench-full.txt"},
+        "bench": {"parts": [{"part": "targets", "rc": None, "seconds": 240, "timed_out": True, "complete": False,
+                             "command": "fastkd.bench --full --json x", "json": "bench-targets.json",
+                             "table": "bench-targets.txt"},
+                            {"part": "kd-rest", "command": "fastkd.bench --loss kd", "skipped": "no time left"}]},
         "tests": {"files": {"tests/test_readme.py": {"passed": 3, "failed": 0, "errors": 0, "skipped": 0,
                                                      "seconds": 5}}},
     })
-    (run2 / "bench-full.txt").write_text("divergence  dtype  impl  median ms\nforward_kl bf16 fastkd[cuda] 2.6\n")
+    (run2 / "bench-targets.txt").write_text("divergence  dtype  impl  median ms\nforward_kl bf16 fastkd[cuda] 2.6\n")
     kd = dict(family="kd", case="forward_kl", n=8192, v=128256, dtype="bfloat16", error=None)
     fl = dict(family="fused_linear", case="forward_kl", n=8192, hs=2048, ht=4096, v=128256,
               dtype="bfloat16", error=None)
-    (run2 / "bench-full.json").write_text(json.dumps({"results": [
+    (run2 / "bench-targets.json").write_text(json.dumps({"results": [
         {**kd, "impl": "cuda", "median_s": 0.0025, "gb_per_s": 2520.0},
         {**kd, "impl": "triton", "median_s": 0.003, "gb_per_s": 2100.0},
         {**kd, "impl": "liger", "median_s": 0.02, "gb_per_s": 315.0},
@@ -138,6 +182,8 @@ def test_summary_merges_runs(gr, tmp_path):
     assert summary["suggested_names"][0].startswith("benchmarks/results/h100-80gb-hbm3-")
     assert "| forward_kl | cuda | 2.500 | 2.52 | 84% | 81% |" in md  # of copy, of a+b->c
     assert "error: RuntimeError: boom" in md and "fastkd[cuda] 2.6" in md
+    assert "(TIMED OUT); raw numbers: bench-targets.json (cut short: the cases it finished)" in md
+    assert "## Benchmarks (kd-rest): `python -m fastkd.bench --loss kd`\nnot run: no time left" in md
     assert summary["stages"]["tests"]["total"] == {"passed": 13, "failed": 1, "errors": 0, "skipped": 2}
     assert "| kd|bfloat16|131072 | cuda | cuda 0.610, triton 0.850 |" in md
     # the targets table, from the bench JSON: the fastest fastkd backend against each target
@@ -150,3 +196,19 @@ def test_summary_merges_runs(gr, tmp_path):
     assert "| rkd_distance N=16384: eager out of memory or >= 5x slower | eager out of memory; fastkd ran | yes |" in md
     assert {"target", "measured", "met"} <= set(summary["targets"][0])
     assert "tests-cuda: `python benchmarks/gpu_report.py" in md  # the one stage neither run has
+
+
+def test_bench_stage_runs_its_parts_and_keeps_their_json(gr, tmp_path, monkeypatch):
+    tiny = ["--tiny", "--device", "cpu", "--backend", "torch,eager", "--dtype", "float32"]
+    monkeypatch.setattr(gr, "BENCH_PARTS", (("one", tiny + ["--loss", "kd", "--divergence", "tvd"]),
+                                            ("two", tiny + ["--loss", "similarity_preserving"])))
+    runner = gr.Runner(str(tmp_path), budget_s=400)
+    res = gr.stage_bench(runner, timeout=300)
+    assert [p["part"] for p in res["parts"]] == ["one", "two"] and res["timed_out"] is False, res
+    for p in res["parts"]:
+        assert p["rc"] == 0 and p["complete"] is True and p["command"].endswith(f"DIR/bench-{p['part']}.json --no-progress")
+    rows = gr._bench_rows({"bench": dict(res, **{"from": str(tmp_path)})})
+    assert {r["loss"] for r in rows} == {"kd_loss", "similarity_preserving_loss"}
+    assert {r["impl"] for r in rows} == {"torch", "eager"} and all(r["error"] is None for r in rows)
+    late = gr.stage_bench(gr.Runner(str(tmp_path / "late"), budget_s=400), timeout=5)
+    assert [p.get("skipped") for p in late["parts"]] == ["no time left"] * 2 and late["timed_out"]
