@@ -31,7 +31,9 @@ import triton.language as tl
 from fastkd.reference.divergences import DIVERGENCES
 
 NEG_INF = tl.constexpr(float("-inf"))
-NAN = tl.constexpr(float("nan"))
+# No NaN global: Triton checks at every launch that each global constexpr a kernel used still
+# equals its compiled value, and NaN != NaN, so such a kernel raised on every GPU launch (the
+# interpreter skips that check). Kernels write float("nan") where they need one.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def _kd_fwd_kernel(
         # the label's logit, read before any gradient write (inplace); a label outside [0, V)
         # gives a NaN loss rather than an out-of-bounds read
         lab_ok = (label >= 0) & (label < V)
-        s_lab = tl.load(s_row + tl.where(lab_ok, label, 0), mask=lab_ok, other=NAN).to(tl.float32)
+        s_lab = tl.load(s_row + tl.where(lab_ok, label, 0), mask=lab_ok, other=float("nan")).to(tl.float32)
         if USE_SOFTCAP:
             s_lab = softcap * _tanh(s_lab / softcap)
 

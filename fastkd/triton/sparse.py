@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from fastkd.reference.divergences import DIVERGENCES
-from fastkd.triton.divergences import (NAN, NEG_INF, _leading_strides, _log, _mixture_weights,
+from fastkd.triton.divergences import (NEG_INF, _leading_strides, _log, _mixture_weights,
                                        _online_lse, _terms)
 
 TAILS = {"renormalize": 0, "bucket": 1}
@@ -151,7 +151,7 @@ def _sparse_kd_row(
     if USE_HARD:
         # a label outside [0, V) gives a NaN loss rather than an out-of-bounds read
         lab_ok = (label >= 0) & (label < V)
-        z_lab = tl.load(s_row + tl.where(lab_ok, label, 0), mask=lab_ok, other=NAN)
+        z_lab = tl.load(s_row + tl.where(lab_ok, label, 0), mask=lab_ok, other=float("nan"))
         z_lab = z_lab.to(tl.float32)
 
     # ---- pass 1: per-lane online max / sum-exp of a = z/T (and of z for the hard loss) ---------
@@ -225,8 +225,8 @@ def _sparse_kd_row(
         acc_h += tl.where(kmask, h, 0.0)
     # an index outside [0, V): a NaN loss and gradient rather than an out-of-bounds access
     bad = tl.sum(n_bad, 0) > 0
-    D = tl.where(bad, NAN, tl.sum(acc_l, 0))
-    H = tl.where(bad, NAN, tl.sum(acc_h, 0))
+    D = tl.where(bad, float("nan"), tl.sum(acc_l, 0))
+    H = tl.where(bad, float("nan"), tl.sum(acc_h, 0))
     h_tail = 0.0
     if TAIL == 1:
         # (no `_` targets: a name bound outside a loop and re-bound inside with another shape
