@@ -322,3 +322,27 @@ def test_cpu_scripts_run_the_bench_command():
                                   "rkd_angle_loss", "rkd_angle", "float32", "N6,D4",
                                   "similarity_preserving_loss", "similarity_preserving",
                                   "float32", "N8,D4"]
+
+
+@pytest.mark.parametrize("preset", ["quick", "default", "full"])
+def test_attention_presets_have_shapes_the_loss_accepts(preset):
+    """Each attention case at its preset's widths and head counts, batch and length cut down so
+    that it runs here: the GPU preset once had relation heads (12) that did not divide D_t (1024),
+    so every implementation of that case would have failed on the GPU."""
+    import dataclasses
+
+    for case in preset_cases(preset, "cuda"):
+        if case.family != "attention":
+            continue
+        small = {"b": 1}
+        if isinstance(case, (MapCase, RelationCase)):
+            small["l"] = 16
+        small_case = dataclasses.replace(case, **small)
+        inputs, leaves = small_case.make_inputs(torch.device("cpu"))
+        ours = [i for i in small_case.implementations(torch.device("cpu"), ["torch"])]
+        assert ours, case.label
+        out = ours[0].fn(*inputs)
+        assert torch.isfinite(out.float()).all(), case.label
+    if preset == "full":
+        rel = [c for c in preset_cases(preset, "cuda") if isinstance(c, RelationCase)]
+        assert [(c.b, c.l, c.ds, c.a, c.dtype) for c in rel] == [(8, 4096, 768, 12, "bfloat16")]  # issue 4's

@@ -173,6 +173,9 @@ def test_summary_merges_runs(gr, tmp_path):
          "error": "OutOfMemoryError: CUDA out of memory"},
         {"family": "relational", "which": "rkd_distance", "n": 16384, "impl": "cuda", "median_s": 0.05,
          "error": None},
+        *({"family": "attention", "loss": "attention_relation_loss", "b": 8, "l": 4096, "ds": 768, "dt": 768,
+           "a": 12, "dtype": "bfloat16", "impl": impl, "median_s": ms, "peak_bytes": peak, "error": None}
+          for impl, ms, peak in (("eager", 0.30, 40e9), ("triton", 0.12, 2e9))),
     ]}))
     r = _run("--summarize", str(run1), str(run2), "--out", str(out))
     assert r.returncode == 0, r.stderr
@@ -194,6 +197,8 @@ def test_summary_merges_runs(gr, tmp_path):
     assert "< 40 ms | 45.0 ms (triton) | NO |" in md and "< 40 ms | 38.0 ms (triton) | yes |" in md
     assert "< 1 GB extra memory | 1.60 GB | NO |" in md and "< 1 GB extra memory | 0.70 GB | yes |" in md
     assert "| rkd_distance N=16384: eager out of memory or >= 5x slower | eager out of memory; fastkd ran | yes |" in md
+    assert ("| attention_relation B=8 L=4096 D=768 A=12 bf16: faster than eager, <= 1/10 of its peak memory | "
+            "2.50x faster, 0.050 of eager's memory (triton) | yes |") in md
     assert {"target", "measured", "met"} <= set(summary["targets"][0])
     assert "tests-cuda: `python benchmarks/gpu_report.py" in md  # the one stage neither run has
 

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="small shapes of every family, a smoke test (< 1 min on 2 CPU cores)")
     size.add_argument("--full", action="store_true",
                       help="GPU-sized shapes: kd/sparse N=8192, V=128256 bf16; fused linear "
-                           "N=8192, H_s=2048, H_t=4096, V=128256 bf16; rkd N=16384, angle N=1024")
+                           "N=8192, H_s=2048, H_t=4096, V=128256 bf16; rkd N=16384, angle N=1024; "
+                           "attention relations B=8, L=4096, D=768 bf16")
     size.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tests' preset
     p.add_argument("--loss", metavar="NAME[,NAME]",
                    help="families (" + ", ".join(FAMILIES) + ", or lm = sparse_kd + "

@@ -241,8 +241,11 @@ _SHAPES = {
     "quick": ((8, 64, 128, 16, 16), (2, 4, 128), (2, 128, 128, 256, 4), ("kl",)),
     # the CPU targets
     "default": ((32, 256, 512, 32, 32), (4, 12, 512), (2, 1024, 384, 768, 12), ("kl", "mse")),
-    "full": ((128, 256, 512, 32, 32), (8, 16, 2048), (8, 2048, 768, 1024, 12), ("kl", "mse")),
+    # relations: issue 4's H100 target, L=4096, B=8, A_r=12, D=768 in bfloat16 (below)
+    "full": ((128, 256, 512, 32, 32), (8, 16, 2048), (8, 4096, 768, 768, 12), ("kl", "mse")),
 }
+# a preset's relation case in this dtype when no --dtype is given (its target names one)
+_RELATION_DTYPE = {"full": "bfloat16"}
 
 
 def preset_cases(preset: str, device_type: str,
@@ -252,5 +255,5 @@ def preset_cases(preset: str, device_type: str,
     for dt in dtypes or ["float32"]:
         out.append(TransferCase(dt, *transfer))
         out += [MapCase(kind, dt, *maps) for kind in kinds]
-        out.append(RelationCase(dt, *relation))
+        out.append(RelationCase(dt if dtypes else _RELATION_DTYPE.get(preset, dt), *relation))
     return out
