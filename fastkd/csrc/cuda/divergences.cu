@@ -368,12 +368,13 @@ void kd_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const std
                  const std::optional<at::Tensor>& grad_teacher, int64_t divergence, double temperature, double beta,
                  double skew, int64_t ignore_index, double soft_weight, double hard_weight, bool scale_temperature,
                  double softcap) {
-  // The CPU kernel also rejects labels outside [0, V) that are not ignore_index; here that would
-  // be a device-to-host sync, so the kernel gives such a row a NaN loss and gradient.
+  // With the hard loss on, the CPU kernel also rejects labels outside [0, V) that are not
+  // ignore_index; here that would be a device-to-host sync, so the kernel gives such a row a NaN
+  // loss and gradient.
   const checks::KdShape shape =
       checks::check_kd_args(student, teacher, labels, loss, grad_student, grad_teacher, divergence, temperature, beta,
                             skew, hard_weight, softcap, c10::DeviceType::CUDA);
-  const int64_t B = shape.B, R = shape.R, V = shape.V, N = shape.N;
+  const int64_t R = shape.R, V = shape.V, N = shape.N;
   const bool wide = shape.wide;
   const at::ScalarType ts = student.scalar_type(), tt = teacher.scalar_type();
   if (N == 0) return;
