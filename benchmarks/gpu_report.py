@@ -85,6 +85,12 @@ TEST_PRIORITY = ("test_divergences.py", "test_triton.py", "test_native.py", "tes
                  "test_triton_sparse.py", "test_native_sparse.py", "test_fused_linear.py",
                  "test_attention.py", "test_relational.py", "test_buffers.py", "test_distributed.py",
                  "test_bench.py", "test_examples.py", "test_readme.py")
+# the test files that hold each CUDA kernel's tests (its own file, and the family suite whose
+# cuda cases tests-cuda runs): a family whose files all pass there can join _backend.CUDA_VERIFIED
+CUDA_FAMILY_TESTS = {"kd": ("tests/test_native_cuda.py", "tests/test_divergences.py"),
+                     "sparse_kd": ("tests/test_native_sparse_cuda.py", "tests/test_sparse.py"),
+                     "attention_map": ("tests/test_attention.py",),
+                     "rkd_distance": ("tests/test_relational.py",)}
 RESERVE_S = 15  # kept back for writing the summary
 KD_N, KD_V = 8192, 128256
 
@@ -666,6 +672,28 @@ def target_rows(rows: list) -> list:
     return out
 
 
+def cuda_verified(stages: dict) -> dict:
+    """{family: None when every test of its CUDA kernel passed in tests-cuda, else why not}."""
+    runs = list(((stages.get("tests-cuda") or {}).get("files") or {}).values())
+    out = {}
+    for family, files in CUDA_FAMILY_TESTS.items():
+        why = None
+        for f in files:
+            counts = [r["by_file"][f] for r in runs if f in (r.get("by_file") or {})]
+            if not counts:
+                why = f"{f}: no result"
+            elif any(c["failed"] or c["errors"] for c in counts):
+                why = f"{f}: {sum(c['failed'] + c['errors'] for c in counts)} failing"
+            elif not any(c["passed"] for c in counts):
+                why = f"{f}: nothing passed"
+            if why:
+                break
+        if why is None and any(r.get("timed_out") for r in runs):
+            why = "tests-cuda was cut short"
+        out[family] = why
+    return out
+
+
 def summarize(stages: dict) -> tuple:
     """(summary dict, markdown text) from stage results."""
     env = (stages.get("env") or {}).get("result") or {}
@@ -738,6 +766,14 @@ def summarize(stages: dict) -> tuple:
         if st.get("not_run"):
             md += ["", f"not run (budget): {', '.join(st['not_run'])}; rerun: `{st.get('rerun')}`"]
         md.append("")
+    if stages.get("tests-cuda"):
+        verdict = cuda_verified(stages)
+        ok = sorted(f for f, why in verdict.items() if why is None)
+        md += ["## CUDA kernels verified here", "",
+               f"every test passed: {', '.join(ok) or 'none'} (add to `_backend.CUDA_VERIFIED`: "
+               f"`frozenset({{{', '.join(repr(f) for f in ok)}}})`)" if ok else "every test passed: none"]
+        md += [f"- {f}: not verified ({why})" for f, why in sorted(verdict.items()) if why] + [""]
+        summary["cuda_verified"] = ok
     tune = stages.get("tune")
     if tune:
         res = tune.get("result") or {}

@@ -142,6 +142,13 @@ def test_summary_merges_runs(gr, tmp_path):
             {"case": "forward_kl", "impl": "triton", "error": "RuntimeError: boom"}],
             "check": {"cuda": {"rows": [0, 1], "loss_max_abs_err": 1e-6, "loss_max_abs": 3.0,
                                "grad_max_abs_err": 1e-7, "grad_max_abs": 0.01}}}},
+        "tests-cuda": {"files": {"own": {"timed_out": False, "by_file": {
+                           "tests/test_native_cuda.py": dict(passed=40, failed=0, errors=0, skipped=0),
+                           "tests/test_native_sparse_cuda.py": dict(passed=20, failed=0, errors=0, skipped=0)}},
+                       "-k cuda": {"timed_out": False, "by_file": {
+                           "tests/test_divergences.py": dict(passed=300, failed=0, errors=0, skipped=1),
+                           "tests/test_sparse.py": dict(passed=50, failed=2, errors=0, skipped=0),
+                           "tests/test_attention.py": dict(passed=80, failed=0, errors=0, skipped=0)}}}},
         "tests": {"files": {"tests/test_divergences.py": {"passed": 10, "failed": 1, "errors": 0, "skipped": 2,
                                                           "seconds": 50, "failed_ids": ["t::a"]}},
                   "not_run": ["tests/test_readme.py"], "rerun": "python benchmarks/gpu_report.py ..."},
@@ -200,7 +207,12 @@ def test_summary_merges_runs(gr, tmp_path):
     assert ("| attention_relation B=8 L=4096 D=768 A=12 bf16: faster than eager, <= 1/10 of its peak memory | "
             "2.50x faster, 0.050 of eager's memory (triton) | yes |") in md
     assert {"target", "measured", "met"} <= set(summary["targets"][0])
-    assert "tests-cuda: `python benchmarks/gpu_report.py" in md  # the one stage neither run has
+    # which CUDA kernels passed all their tests, ready for _backend.CUDA_VERIFIED
+    assert summary["cuda_verified"] == ["attention_map", "kd"]
+    assert "`frozenset({'attention_map', 'kd'})`" in md
+    assert "- rkd_distance: not verified (tests/test_relational.py: no result)" in md
+    assert "- sparse_kd: not verified (tests/test_sparse.py: 2 failing)" in md
+    assert "## Not run" not in md  # every stage is in one run or the other
 
 
 def test_bench_stage_runs_its_parts_and_keeps_their_json(gr, tmp_path, monkeypatch):
