@@ -346,3 +346,36 @@ def test_attention_presets_have_shapes_the_loss_accepts(preset):
     if preset == "full":
         rel = [c for c in preset_cases(preset, "cuda") if isinstance(c, RelationCase)]
         assert [(c.b, c.l, c.ds, c.a, c.dtype) for c in rel] == [(8, 4096, 768, 12, "bfloat16")]  # issue 4's
+
+
+@pytest.mark.parametrize("which", ["kd-forward_kl", "kd-jsd-0.5", "kd-jsd-0.1", "fused_linear-jsd"])
+def test_liger_baselines_match_eager(which):
+    """The bench's Liger-Kernel baselines (GPU-only there) compute the eager loss and a gradient:
+    here on CPU tensors through Triton's interpreter, on a GPU natively. Liger's own signatures
+    change between releases (LigerFusedLinearJSD's shift_labels became required), and a baseline
+    that raises would leave a GPU bench without its comparison."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel is in the test extras")
+    from conftest import HAS_CUDA
+    from fastkd.bench.divergences import _liger as liger_kd
+    from fastkd.bench.fused_linear import _liger as liger_fused
+
+    if which == "kd-forward_kl" and not HAS_CUDA:
+        pytest.skip("Liger's KL kernel does not run in Triton's interpreter (it calls .to on a float)")
+    dev = torch.device("cuda" if HAS_CUDA else "cpu")
+    family, divergence, *beta = which.split("-")
+    beta = float(beta[0]) if beta else 0.5
+    if family == "kd":
+        case = Case(divergence, "float32", 6, 301, beta=beta)
+        inputs, leaves = case.make_inputs(dev)
+        fn, eager = liger_kd(case), EAGER[divergence]
+        ref = eager(*inputs, case.temperature, case.beta, case.skew)
+    else:
+        case = FusedLinearCase(divergence, "float32", 16, 32, 48, 301, beta=beta)
+        inputs, leaves = case.make_inputs(dev)
+        fn = liger_fused(case)
+        ref = [i for i in case.implementations(dev, ["eager"])][0].fn(*inputs)
+    assert fn is not None, "the adapter found no Liger loss"
+    out = fn(*inputs)
+    out.backward()
+    assert torch.allclose(out.double(), ref.double(), rtol=1e-5, atol=1e-7), (float(out), float(ref))
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
