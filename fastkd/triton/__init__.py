@@ -5,3 +5,13 @@ family module does (and registers its ``fastkd_triton::*`` ops). Triton picks in
 (``TRITON_INTERPRET=1``, CPU tensors) when a module's kernels are defined, so set that variable
 before importing a family module.
 """
+
+# The launchers pick block sizes, chunking and warps for a GPU on CUDA tensors and smaller ones in
+# the interpreter (numpy per op). Tests set this to run the interpreter with the GPU's choices, so
+# the arithmetic of exactly the programs a GPU runs is checked without one.
+GPU_LAYOUT_ON_CPU = False
+
+
+def gpu_layout(t) -> bool:
+    """Whether a launcher takes its GPU block sizes for tensor ``t``."""
+    return t.device.type != "cpu" or GPU_LAYOUT_ON_CPU

@@ -27,13 +27,10 @@ import triton
 import triton.language as tl
 
 from fastkd.reference.attention import AT_EPS, MAP_KINDS, SCORE_FLOOR
+from fastkd.triton import gpu_layout
 from fastkd.triton.divergences import NEG_INF, _online_lse
 
 _FLOOR = tl.constexpr(SCORE_FLOOR)
-
-
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +160,7 @@ def attention_transfer_fwd_triton(student, teacher, loss, grad_student, p: float
     dev = student.device
     a_s = torch.empty((B, N), dtype=torch.float32, device=dev)
     a_t = torch.empty((B, N), dtype=torch.float32, device=dev)
-    block = min(max(triton.next_power_of_2(N), 16), 256 if _interpreted(student) else 1024)
+    block = min(max(triton.next_power_of_2(N), 16), 1024 if gpu_layout(student) else 256)
     nb = triton.cdiv(N, block)
     mode = _p_mode(float(p))
     _at_sums_kernel[(B, nb)](student, teacher, a_s, a_t, Cs, Ct, N, student.stride(0),
@@ -172,7 +169,7 @@ def attention_transfer_fwd_triton(student, teacher, loss, grad_student, p: float
     _at_norm_kernel[(B,)](a_s, a_t, loss, N, AT_EPS, HAS_GS=grad_student is not None, BLOCK=block)
     if grad_student is not None:
         _check_last_contiguous(grad_student, "grad_student", 3)
-        ch = Cs if _interpreted(student) else 32
+        ch = 32 if gpu_layout(student) else Cs
         _at_grad_kernel[(B, nb, triton.cdiv(Cs, ch))](
             student, a_s, grad_student, Cs, N, student.stride(0), student.stride(1),
             grad_student.stride(0), grad_student.stride(1), float(p), 1.0 / Cs, ch,
@@ -326,10 +323,10 @@ def attention_map_fwd_triton(student, teacher, mask, loss, grad_student, kind: i
     if g is not None:
         _check_last_contiguous(g, "grad_student", 4)
     block = min(max(triton.next_power_of_2(L), 16),
-                MAX_BLOCK_INTERPRET if _interpreted(student) else MAX_BLOCK_GPU)
+                MAX_BLOCK_GPU if gpu_layout(student) else MAX_BLOCK_INTERPRET)
     # [rows, block] tiles of 4K entries in the interpreter (numpy per op), 2K on a GPU (five
     # per-lane state tiles live in registers: 4K entries need ~255 registers per thread)
-    rows = max(1, (4096 if _interpreted(student) else 2048) // block)
+    rows = max(1, (2048 if gpu_layout(student) else 4096) // block)
     n_rows = B * H * L
     _map_kernel[(triton.cdiv(n_rows, rows),)](
         student, teacher, m8 if m8 is not None else loss, loss, g if g is not None else student,
@@ -534,7 +531,7 @@ def _relation_setup(student_m, student_n, teacher_m, teacher_n, mask, num_heads)
     lowp_s = student_m.dtype in lowp
     lowp_t = teacher_m.dtype in lowp
     block = 64 if L > 32 else 32
-    if student_m.device.type == "cpu":
+    if not gpu_layout(student_m):
         block = min(block, max(16, triton.next_power_of_2(L)))
     meta = dict(HAS_MASK=mask is not None, LOWP_S=lowp_s, LOWP_T=lowp_t, PREC="ieee", BM=block,
                 BN=block, BDS=max(16, triton.next_power_of_2(ds)),

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from fastkd.reference.divergences import DIVERGENCES
+from fastkd.triton import gpu_layout
 
 NEG_INF = tl.constexpr(float("-inf"))
 # No NaN global: Triton checks at every launch that each global constexpr a kernel used still
@@ -365,8 +366,7 @@ def kd_fwd_triton(student, teacher, labels, loss, grad_student, grad_teacher, di
     T = float(temperature)
     soft_coef = soft_weight * (T * T if scale_temperature else 1.0)
     w_p, w_q = _mixture_weights(divergence, beta, skew)
-    on_gpu = student.device.type != "cpu"
-    max_block = MAX_BLOCK_GPU if on_gpu else MAX_BLOCK_INTERPRET
+    max_block = MAX_BLOCK_GPU if gpu_layout(student) else MAX_BLOCK_INTERPRET
     block = min(max(triton.next_power_of_2(V), 16), max_block)
     # 8 elements (one 16-byte bf16 load per input) per thread; at BLOCK=4096 that is 16 warps
     # and ~100-115 registers (ptxas, sm_90), one row per SM. 8 warps would need 170-250.

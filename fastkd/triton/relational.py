@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastkd.triton import gpu_layout
+
 REFINE = tl.constexpr(1.0 / 64)
 
 
@@ -307,7 +309,7 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
 def _blocks(x: torch.Tensor):
     """(BI, BJ, BD, BDO). Interpreter: small tiles (numpy per op). GPU: a conservative first
     choice, not tuned yet (GPU tuning and benchmarks are a separate issue)."""
-    if x.device.type == "cpu":
+    if not gpu_layout(x):
         return 16, 16, 32, 32
     return 32, 32, 32, 64
 
@@ -400,7 +402,7 @@ def rkd_angle_triton(student, teacher, loss, grad_student, huber_delta: float) -
     xs, sqs = _prep(student, True)
     xt, sqt = _prep(teacher, True)
     Ds, Dt = xs.shape[1], xt.shape[1]
-    on_gpu = xs.device.type != "cpu"
+    on_gpu = gpu_layout(xs)
     BM, BD, BDO = (16, 32, 64) if on_gpu else (16, 32, 32)
     want = grad_student is not None
     grid = (triton.cdiv(N, BM), triton.cdiv(Ds, BDO) if want else 1)

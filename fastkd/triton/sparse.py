@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from fastkd.reference.divergences import DIVERGENCES
+from fastkd.triton import gpu_layout
 from fastkd.triton.divergences import (NEG_INF, _leading_strides, _log, _mixture_weights,
                                        _online_lse, _terms)
 
@@ -377,8 +378,7 @@ def sparse_kd_fwd_triton(student, indices, values, labels, loss, grad_student, d
     T = float(temperature)
     soft_coef = soft_weight * (T * T if scale_temperature else 1.0)
     w_p, w_q = _mixture_weights(divergence, beta, skew)
-    on_gpu = student.device.type != "cpu"
-    max_block = MAX_BLOCK_GPU if on_gpu else MAX_BLOCK_INTERPRET
+    max_block = MAX_BLOCK_GPU if gpu_layout(student) else MAX_BLOCK_INTERPRET
     block = min(max(triton.next_power_of_2(V), 16), max_block)
     kblock = min(max(triton.next_power_of_2(K), 16), MAX_KBLOCK)
     # as the kd kernel: 8 elements per thread, 16 warps at BLOCK=4096 (one 16-byte load when
