@@ -35,12 +35,14 @@ Every invocation writes DIR/summary.md and DIR/summary.json from the stage resul
 (DIR/stages/*.json), ready to be copied to benchmarks/results/<device>-<date>.{txt,json}.
 
 A session is lent a GPU for 15 minutes in all (the machine's start, a minute or two, included),
-at most 10 per command. So: one command that does everything in order of worth, then, on the
-machine still warm, one short command for what the first left (its summary says which):
-    python benchmarks/gpu_report.py --out $OUT --budget-s 560          # timeout_s 590
-    python benchmarks/gpu_report.py --out $OUT --stages env,tests,tune --budget-s 200
-(a fresh machine recompiles the extension, ~1.5 minutes; a warm one reuses it), then, on any
-machine: --summarize <the fetched folders> --out <folder>.
+at most 10 per command, and gets back at most 8 files of a command's $OUT. So: one command that
+does everything in order of worth, its working folder outside $OUT and three files delivered
+into it after every stage; then, on the machine still warm, one short command for what the
+first left (its summary says which):
+    python benchmarks/gpu_report.py --out /tmp/r1 --deliver $OUT --budget-s 560    # timeout_s 590
+    python benchmarks/gpu_report.py --out /tmp/r2 --deliver $OUT --stages env,tests,tune --budget-s 200
+(a fresh machine recompiles the extension, ~1.5 minutes; a warm one reuses it), then, here:
+unpack each fastkd-gpu-report.tar.gz and --summarize <the unpacked report folders> --out <folder>.
 
 Liger-Kernel is pure Python but not installed on a machine without network: download its wheel
 beforehand (`pip download liger-kernel --no-deps -d benchmarks/wheels`, a git-ignored folder that
@@ -816,6 +818,27 @@ def summarize(stages: dict) -> tuple:
     return summary, "\n".join(md)
 
 
+PACK = "fastkd-gpu-report.tar.gz"
+
+
+def deliver(out: str, dest: str) -> None:
+    """Three files in ``dest``: summary.md, summary.json and PACK, the whole ``out`` folder (raw
+    log, per-stage logs and results, junit, bench JSON), each written whole or not at all. A lent
+    machine hands back only a few files, so this runs after every stage: a run killed at its
+    time limit still returns all it finished. Unpack PACK and --summarize the folder."""
+    import tarfile
+
+    os.makedirs(dest, exist_ok=True)
+    for name in ("summary.md", "summary.json"):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copyfile(os.path.join(out, name), os.path.join(dest, name + ".tmp"))
+            os.replace(os.path.join(dest, name + ".tmp"), os.path.join(dest, name))
+    tmp = os.path.join(dest, PACK + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname="report")
+    os.replace(tmp, os.path.join(dest, PACK))
+
+
 def write_summary(out: str, dirs: list) -> str:
     stages = load_stages(dirs)
     summary, md = summarize(stages)
@@ -838,6 +861,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the stages that would run, and exit")
     ap.add_argument("--summarize", nargs="+", metavar="DIR", help="merge these output folders into --out; no GPU")
     ap.add_argument("--wheels", metavar="DIR", help="install these wheels (e.g. liger-kernel) for this run only")
+    ap.add_argument("--deliver", metavar="DIR", help=f"after each stage, put summary.md, summary.json and {PACK} "
+                    "(all of --out) here: what a lent machine hands back (it returns only a few files)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -902,8 +927,13 @@ def main(argv=None) -> int:
         else:
             res = stage_tests(runner, test_files or _test_files(), "tests", timeout)
         runner.save(name, res)
+        if args.deliver:
+            write_summary(args.out, [args.out])
+            deliver(args.out, args.deliver)
     md = write_summary(args.out, [args.out])
     runner.log(f"summary: {os.path.join(args.out, 'summary.md')}")
+    if args.deliver:
+        deliver(args.out, args.deliver)
     print(md)
     return 0
 

@@ -229,3 +229,29 @@ def test_bench_stage_runs_its_parts_and_keeps_their_json(gr, tmp_path, monkeypat
     assert {r["impl"] for r in rows} == {"torch", "eager"} and all(r["error"] is None for r in rows)
     late = gr.stage_bench(gr.Runner(str(tmp_path / "late"), budget_s=400), timeout=5)
     assert [p.get("skipped") for p in late["parts"]] == ["no time left"] * 2 and late["timed_out"]
+
+
+def test_deliver_hands_back_three_files_that_unpack_to_the_report(gr, tmp_path):
+    """A lent machine returns only a few files of $OUT: deliver() packs the whole report folder
+    into one archive beside summary.md and summary.json, and the archive summarizes again here."""
+    import tarfile
+
+    run, dest = tmp_path / "run", tmp_path / "out"
+    env = {"result": {"gpu_name": "NVIDIA H100 80GB HBM3"}}
+    _fake_run(run, {"env": env, "kd-target": {"rc": 0, "result": {"shape": [8192, 128256], "dtype": "bfloat16",
+                                                                    "results": [], "check": {}}}})
+    (run / "logs").mkdir()
+    for i in range(12):  # more files than come back
+        (run / "logs" / f"stage{i}.log").write_text(f"log {i}\n")
+    gr.write_summary(str(run), [str(run)])
+    gr.deliver(str(run), str(dest))
+    gr.deliver(str(run), str(dest))  # again after the next stage: replaced, nothing left over
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["summary.md", "summary.json", gr.PACK])
+    with tarfile.open(dest / gr.PACK) as tar:
+        tar.extractall(tmp_path / "unpacked")
+    report = tmp_path / "unpacked" / "report"
+    assert (report / "logs" / "stage11.log").read_text() == "log 11\n"
+    r = _run("--summarize", str(report), "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again" / "summary.md").read_text() == (dest / "summary.md").read_text().replace(
+        str(run), str(report))
