@@ -27,22 +27,22 @@ it runs over, so one hang cannot eat the budget; all output goes to DIR/logs/ an
              fastkd/tuning/*.json (commit it there to ship the choices for this GPU)
 
 Test stages run pytest-xdist with several workers on the one GPU and pytest-timeout per test where
-those plugins are installed (both are on the lent machines), else one process per file.
+those plugins are installed (both are in the test extras), else one process per file.
 
 The budget (--budget-s, default 560 s) bounds the whole invocation: a stage gets at most the
 time left, and stages that no longer fit are recorded as skipped with the command that runs them.
 Every invocation writes DIR/summary.md and DIR/summary.json from the stage results in DIR
 (DIR/stages/*.json), ready to be copied to benchmarks/results/<device>-<date>.{txt,json}.
 
-A session is lent a GPU for 15 minutes in all (the machine's start, a minute or two, included),
-at most 10 per command, and gets back at most 8 files of a command's $OUT. So: one command that
-does everything in order of worth, its working folder outside $OUT and three files delivered
-into it after every stage; then, on the machine still warm, one short command for what the
-first left (its summary says which):
-    python benchmarks/gpu_report.py --out /tmp/r1 --deliver $OUT --budget-s 560    # timeout_s 590
-    python benchmarks/gpu_report.py --out /tmp/r2 --deliver $OUT --stages env,tests,tune --budget-s 200
-(a fresh machine recompiles the extension, ~1.5 minutes; a warm one reuses it), then, here:
-unpack each fastkd-gpu-report.tar.gz and --summarize <the unpacked report folders> --out <folder>.
+On a GPU machine borrowed for 15 minutes in all (its start, a minute or two, included), at most
+10 per command, that hands back only a few files of a command's output folder: one command that
+does everything in order of worth, its working folder elsewhere and three files delivered into
+the returned folder after every stage; then, on the machine still warm, one short command for
+what the first left (its summary says which):
+    python benchmarks/gpu_report.py --out /tmp/r1 --deliver RETURNED --budget-s 560   # ~10 min
+    python benchmarks/gpu_report.py --out /tmp/r2 --deliver RETURNED --stages env,tests,tune --budget-s 200
+(a fresh machine recompiles the extension, ~1.5 minutes; a warm one reuses it), then, at your
+desk: unpack each fastkd-gpu-report.tar.gz and --summarize <the unpacked report folders> --out <folder>.
 
 Liger-Kernel is pure Python but not installed on a machine without network: download its wheel
 beforehand (`pip download liger-kernel --no-deps -d benchmarks/wheels`, a git-ignored folder that
@@ -823,8 +823,8 @@ PACK = "fastkd-gpu-report.tar.gz"
 
 def deliver(out: str, dest: str) -> None:
     """Three files in ``dest``: summary.md, summary.json and PACK, the whole ``out`` folder (raw
-    log, per-stage logs and results, junit, bench JSON), each written whole or not at all. A lent
-    machine hands back only a few files, so this runs after every stage: a run killed at its
+    log, per-stage logs and results, junit, bench JSON), each written whole or not at all. A borrowed GPU
+    machine may hand back only a few files, so this runs after every stage: a run killed at its
     time limit still returns all it finished. Unpack PACK and --summarize the folder."""
     import tarfile
 
@@ -862,7 +862,7 @@ def main(argv=None) -> int:
     ap.add_argument("--summarize", nargs="+", metavar="DIR", help="merge these output folders into --out; no GPU")
     ap.add_argument("--wheels", metavar="DIR", help="install these wheels (e.g. liger-kernel) for this run only")
     ap.add_argument("--deliver", metavar="DIR", help=f"after each stage, put summary.md, summary.json and {PACK} "
-                    "(all of --out) here: what a lent machine hands back (it returns only a few files)")
+                    "(all of --out) here, for machines that hand back only a few files")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -232,7 +232,7 @@ def test_bench_stage_runs_its_parts_and_keeps_their_json(gr, tmp_path, monkeypat
 
 
 def test_deliver_hands_back_three_files_that_unpack_to_the_report(gr, tmp_path):
-    """A lent machine returns only a few files of $OUT: deliver() packs the whole report folder
+    """A GPU machine may hand back only a few files: deliver() packs the whole report folder
     into one archive beside summary.md and summary.json, and the archive summarizes again here."""
     import tarfile
 
