@@ -11,8 +11,8 @@ backend itself (MLIR, LLVM, the ptxas it ships) runs on any x86-64 machine, so t
 * turns each ``kernel[grid](...)`` into ``warmup`` (compile, no launch) with small real CPU
   tensors of the same dtypes standing in for the fake ones (Triton reads their dtype and the
   16-byte alignment of their address, as a GPU tensor's),
-* and returns every compiled kernel with its registers and spills, read from the cubin by the
-  cuobjdump that Triton ships.
+* and returns every compiled kernel with its registers and stack bytes (spills and call frames),
+  read from the cubin by the cuobjdump that Triton ships.
 """
 from __future__ import annotations
 
