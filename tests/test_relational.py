@@ -223,6 +223,101 @@ def test_sp_zero_row(backend):
     assert_close(g, rg, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("form", ["pairs", "features"])
+def test_sp_cpp_forms(form, dtype, monkeypatch):
+    """The cpp similarity-preserving op has two forms of one function: pairwise (N x N Gram
+    tiles) and feature (D x D feature Gram matrices, taken where it is cheaper). Each, forced,
+    against the oracle at sizes that cross both forms' tiles (64 x 128 pair tiles; 128-wide
+    feature tiles and 256-row blocks), with duplicated rows and a zero row; and without
+    gradient (the loss alone), the same loss bitwise."""
+    device = skip_unless_available("cpp", "similarity_preserving")
+    monkeypatch.setenv("FASTKD_SP_FORM", form)
+    for n, ds, dt in [(263, 140, 130), (300, 7, 257), (5, 3, 2)]:
+        s, t = make_pair(n, ds, dt, dtype, device, seed=n + ds, dups=True)
+        if dtype in (torch.float32, torch.float64):  # the zero row's gradient, ~1/eps, overflows fp16
+            s[1] = 0
+        out, ref, g, rg = run_both("sp", s, t, "cpp", gout=1.7)
+        assert_close(out, ref, dtype, f"{form} loss {n}x{ds}x{dt}")
+        assert_close(g, rg, dtype, f"{form} grad {n}x{ds}x{dt}", atol=1e-7 if dtype != torch.float64 else 1e-15)
+        with torch.no_grad():
+            alone = fastkd.similarity_preserving_loss(s, t, backend="cpp")
+        assert torch.equal(alone, out.detach())
+
+
+def test_sp_cpp_form_choice(monkeypatch):
+    """Unset, FASTKD_SP_FORM means pairs; auto takes the feature form where it needs fewer
+    multiply-adds (N = 263 rows of 45 and 17: about 11.7k per row against 28k) and the
+    pairwise form where N is small against D; the feature form's result does not depend on
+    the thread count; a bad FASTKD_SP_FORM is an error that names it."""
+    skip_unless_available("cpp", "similarity_preserving")
+
+    def run(s, t, form):
+        monkeypatch.setenv("FASTKD_SP_FORM", form)
+        x = s.clone().requires_grad_()
+        out = fastkd.similarity_preserving_loss(x, t, backend="cpp")
+        out.backward()
+        return out, x.grad
+
+    def same(a, b):
+        return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    tall = make_pair(263, 45, 17, torch.float32, "cpu", seed=13)
+    wide = make_pair(20, 300, 200, torch.float32, "cpu", seed=14)
+    assert same(run(*tall, "auto"), run(*tall, "features"))
+    pairs = run(*tall, "pairs")
+    monkeypatch.delenv("FASTKD_SP_FORM")
+    x = tall[0].clone().requires_grad_()
+    out = fastkd.similarity_preserving_loss(x, tall[1], backend="cpp")
+    out.backward()
+    assert same((out, x.grad), pairs)
+    assert not same(run(*tall, "pairs"), run(*tall, "features"))  # two computations, not one
+    assert same(run(*wide, "auto"), run(*wide, "pairs"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(*tall, "features")
+        torch.set_num_threads(max(2, threads))
+        assert same(one, run(*tall, "features"))
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="FASTKD_SP_FORM"):
+        run(*tall, "fast")
+
+
+def test_sp_cpp_forms_near_a_match(monkeypatch):
+    """What the README says of the two forms' precision when the student nearly matches the
+    teacher (rows 1% apart; loss ~4e-7): the pairwise form's gradient error stays within 3x
+    that of the eager fp32 code (Tung and Mori's, run in fp32), the feature form's within
+    30x (measured 3-13x), and the feature form's loss within 1e-2 relative (measured 3e-4)."""
+    skip_unless_available("cpp", "similarity_preserving")
+    g = torch.Generator().manual_seed(15)
+    s = torch.randn(300, 64, generator=g) + 0.3
+    t = s + 1e-2 * torch.randn(300, 64, generator=g)
+
+    def eager_sp(x, y):
+        a, b = F.normalize(x @ x.T), F.normalize(y @ y.T)
+        return ((a - b) ** 2).sum() / x.shape[0] ** 2
+
+    def grad(fn, x, y):
+        x = x.clone().requires_grad_()
+        out = fn(x, y)
+        out.backward()
+        return out.detach().double(), x.grad.double()
+
+    l64, g64 = grad(eager_sp, s.double(), t.double())
+    _, g32 = grad(eager_sp, s, t)
+
+    def err(a):
+        return ((a - g64).norm() / g64.norm()).item()
+
+    for form, factor in (("pairs", 3.0), ("features", 30.0)):
+        monkeypatch.setenv("FASTKD_SP_FORM", form)
+        loss, gf = grad(lambda x, y: fastkd.similarity_preserving_loss(x, y, backend="cpp"), s, t)
+        assert err(gf) <= factor * err(g32), f"{form}: grad error {err(gf):.2e}, eager fp32 {err(g32):.2e}"
+        assert abs(loss - l64).item() <= 1e-2 * l64.item(), form
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtypes_and_teacher_constant(backend):
     device = skip_unless_available(backend, "rkd_angle")
