@@ -152,6 +152,22 @@ def test_write_json_replaces_the_file_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
 
 
+def test_metadata_records_fastkd_switches(monkeypatch):
+    """FASTKD_* variables change what runs (FASTKD_SP_FORM picks an algorithm): the report
+    keeps them and its table says them; none set, no line."""
+    from fastkd.bench.harness import metadata
+
+    for k in [k for k in os.environ if k.startswith("FASTKD_")]:
+        monkeypatch.delenv(k)
+    report = {"meta": metadata("cpu"), "settings": {"timing": "t", "memory": "m"}, "results": []}
+    assert report["meta"]["fastkd_env"] == {}
+    assert "environment:" not in format_table(report)
+    monkeypatch.setenv("FASTKD_SP_FORM", "features")
+    report["meta"] = metadata("cpu")
+    assert report["meta"]["fastkd_env"] == {"FASTKD_SP_FORM": "features"}
+    assert "environment: FASTKD_SP_FORM=features" in format_table(report)
+
+
 def test_main_writes_json_with_device_metadata(tmp_path, capsys):
     out = tmp_path / "res" / "bench.json"
     rc = main(["--tiny", "--divergence", "tvd", "--backend", "torch,eager", "--dtype", "fp32",

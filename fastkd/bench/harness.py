@@ -457,6 +457,8 @@ def metadata(device) -> dict:
         "git_commit": _git_commit(),
         "backends": fastkd.available_backends(dev),
         "loadavg_start": _loadavg(),
+        # fastkd's own switches (FASTKD_SP_FORM, FASTKD_BACKEND, ...): they change what runs
+        "fastkd_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTKD_")},
     }
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
@@ -656,6 +658,8 @@ def format_table(report: dict) -> str:
     if m.get("matmul_tflop_per_s"):
         head.append("matmul roofline (%mm): " + ", ".join(
             f"{d} {t:.3g} TFLOP/s" for d, t in sorted(m["matmul_tflop_per_s"].items())))
+    if m.get("fastkd_env"):
+        head.append("environment: " + " ".join(f"{k}={v}" for k, v in m["fastkd_env"].items()))
     load = m.get("loadavg_start")
     if load and m.get("cpu_count") and load[0] > 0.5 * m["cpu_count"]:
         head.append(f"note: load average {load[0]} at the start on {m['cpu_count']} CPUs: other "

@@ -739,7 +739,7 @@ void sp_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
 // from sums of size |Gs_i|^2, and the gradient a sum of four terms of that size: both
 // cancel after the sums over N, where the pairwise form cancels entry by entry. As the
 // student's rows approach the teacher's, the loss's relative error grows like 1 / (1 - cos)
-// and the gradient's is 3-20x that of the eager fp32 code (tests/test_relational.py and the
+// and the gradient's is 3-22x that of the eager fp32 code (tests/test_relational.py and the
 // README give measured figures).
 constexpr int64_t kFeatTile = 128;  // output tile edge of the feature-form products
 constexpr int64_t kFeatRows = 256;  // rows per task of the row passes
