@@ -6,6 +6,7 @@ Function here reduces the row losses and, in backward, only scales the stored gr
 from __future__ import annotations
 
 import math
+import os
 from numbers import Number
 from typing import Optional, Union
 
@@ -725,7 +726,13 @@ def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor, *,
     G = X X^T with each row L2-normalized (F.normalize(G)); the loss is the sum of squared
     differences between the student's and the teacher's normalized Gram matrices over N^2.
     The teacher gets no gradient.
+    ``FASTKD_SP_FORM=features`` (or ``auto``: where it needs fewer multiply-adds) makes the cpp
+    backend compute it from D x D feature Grams, O(N D^2) instead of O(N^2 D), with larger
+    fp32 rounding errors (README, "Similarity-preserving from feature Grams").
     """
+    form = os.environ.get("FASTKD_SP_FORM", "")
+    if form not in ("", "pairs", "features", "auto"):
+        raise ValueError(f"FASTKD_SP_FORM must be pairs, features or auto, got {form!r}")
     student, teacher = _global_batch(student, teacher, process_group)
     return _relational("similarity_preserving", student, teacher, backend, ())
 

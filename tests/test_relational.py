@@ -281,8 +281,10 @@ def test_sp_cpp_form_choice(monkeypatch):
         assert same(one, run(*tall, "features"))
     finally:
         torch.set_num_threads(threads)
-    with pytest.raises(RuntimeError, match="FASTKD_SP_FORM"):
+    with pytest.raises(ValueError, match="FASTKD_SP_FORM"):
         run(*tall, "fast")
+    with pytest.raises(RuntimeError, match="FASTKD_SP_FORM"):  # the op checks it too
+        torch.ops.fastkd.similarity_preserving_fwd(*tall, torch.empty(()), None)
 
 
 def test_sp_cpp_forms_near_a_match(monkeypatch):
