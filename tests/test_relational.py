@@ -497,7 +497,7 @@ def test_bad_input_is_a_clear_error(needle, exc, call):
 
 
 _MEMORY_CHILD = r"""
-import ctypes, gc, json, sys, torch, fastkd
+import ctypes, gc, json, os, sys, torch, fastkd
 from fastkd import _native
 assert _native.load(), _native.reason()
 def rss(key):
@@ -505,7 +505,9 @@ def rss(key):
 n, d = 4096, 8
 s, t = torch.randn(n, d), torch.randn(n, d)
 out = {}
-for name in ("rkd_distance_loss", "similarity_preserving_loss"):
+for name, form in (("rkd_distance_loss", ""), ("similarity_preserving_loss", "pairs"),
+                   ("similarity_preserving_loss", "features")):
+    os.environ["FASTKD_SP_FORM"] = form
     fn = getattr(fastkd, name)
     x = s.clone().requires_grad_()
     fn(x, t, backend="cpp").backward()  # warm-up
@@ -514,14 +516,15 @@ for name in ("rkd_distance_loss", "similarity_preserving_loss"):
     open("/proc/self/clear_refs", "w").write("5")
     x = s.clone().requires_grad_()
     fn(x, t, backend="cpp").backward()
-    out[name] = rss("VmHWM") - base
+    out[name + (" " + form if form else "")] = rss("VmHWM") - base
 print(json.dumps(out))
 """
 
 
 def test_cpp_memory_is_not_quadratic():
     """N = 4096, D = 8: one N x N float32 matrix is 64 MiB; the kernels need strips of 64 rows
-    (1 MiB each) and O(N D) vectors. Peak RSS of a fresh process, measured as the benchmark does."""
+    (1 MiB each) and O(N D) vectors; similarity-preserving's feature form D x D matrices and
+    blocks of 256 rows. Peak RSS of a fresh process, measured as the benchmark does."""
     import json
     import os
     import subprocess
@@ -535,6 +538,7 @@ def test_cpp_memory_is_not_quadratic():
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     peaks = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(peaks) == 3
     for name, peak in peaks.items():
         assert peak < 16 * 2**20, f"{name}: peak {peak / 2**20:.1f} MiB (an N x N matrix is 64 MiB)"
 
