@@ -758,32 +758,22 @@ bool sp_feature_form(int64_t N, int64_t Ds, int64_t Dt, bool grad) {
   return features < pairs;
 }
 
-// out [Da, Db] = a^T diag(scale) b for a [N, Da], b [N, Db] (scale: N values or null). With
-// `symmetric` (a is b) the tiles below the diagonal are copied from their mirror images.
+// out [Da, Db] = a^T b for a [N, Da], b [N, Db]. With `symmetric` (a^T b symmetric: a is b,
+// or b a row-scaled a) the tiles below the diagonal are copied from their mirror images.
 template <typename T>
-void feature_gram(const at::Tensor& a, const at::Tensor& b, const T* scale, bool symmetric, at::Tensor& out) {
-  const int64_t N = a.size(0), ta = (a.size(1) + kFeatTile - 1) / kFeatTile, tb = (b.size(1) + kFeatTile - 1) / kFeatTile;
+void feature_gram(const at::Tensor& a, const at::Tensor& b, bool symmetric, at::Tensor& out) {
+  const int64_t ta = (a.size(1) + kFeatTile - 1) / kFeatTile, tb = (b.size(1) + kFeatTile - 1) / kFeatTile;
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t i = 0; i < ta; ++i)
     for (int64_t j = symmetric ? i : 0; j < tb; ++j) tiles.emplace_back(i, j);
-  struct Scratch {
-    std::unique_ptr<T[]> rhs, tile;
-  };
-  run_tasks<Scratch>(
-      static_cast<int64_t>(tiles.size()),
-      [&] { return Scratch{std::unique_ptr<T[]>(new T[scale ? N * kFeatTile : 1]), std::unique_ptr<T[]>(new T[kFeatTile * kFeatTile])}; },
-      [&](int64_t k, Scratch& sc) {
+  run_tasks<std::unique_ptr<T[]>>(
+      static_cast<int64_t>(tiles.size()), [] { return std::unique_ptr<T[]>(new T[kFeatTile * kFeatTile]); },
+      [&](int64_t k, std::unique_ptr<T[]>& buf) {
         const auto [i, j] = tiles[k];
         const int64_t i0 = i * kFeatTile, j0 = j * kFeatTile;
         const int64_t wi = std::min(kFeatTile, a.size(1) - i0), wj = std::min(kFeatTile, b.size(1) - j0);
-        at::Tensor rhs = b.narrow(1, j0, wj);
-        if (scale) {  // diag(scale) b's columns [j0, j0 + wj)
-          at::Tensor r = at::from_blob(sc.rhs.get(), {N, wj}, b.options());
-          at::mul_out(r, rhs, at::from_blob(const_cast<T*>(scale), {N, 1}, b.options()));
-          rhs = r;
-        }
-        at::Tensor t = at::from_blob(sc.tile.get(), {wi, wj}, b.options());
-        at::mm_out(t, a.narrow(1, i0, wi).t(), rhs);
+        at::Tensor t = at::from_blob(buf.get(), {wi, wj}, b.options());
+        at::mm_out(t, a.narrow(1, i0, wi).t(), b.narrow(1, j0, wj));
         out.narrow(0, i0, wi).narrow(1, j0, wj).copy_(t);
         if (symmetric && j != i) out.narrow(0, j0, wj).narrow(1, i0, wi).copy_(t.t());
       });
@@ -800,9 +790,9 @@ void sp_feature_impl(const at::Tensor& student, const at::Tensor& teacher, const
   const bool want = grad.has_value();
   const auto opt = at::TensorOptions().dtype(acc);
   at::Tensor maa = at::empty({Ds, Ds}, opt), mba = at::empty({Dt, Ds}, opt), mbb = at::empty({Dt, Dt}, opt);
-  feature_gram<T>(X, X, nullptr, true, maa);
-  feature_gram<T>(Y, X, nullptr, false, mba);
-  feature_gram<T>(Y, Y, nullptr, true, mbb);
+  feature_gram<T>(X, X, true, maa);
+  feature_gram<T>(Y, X, false, mba);
+  feature_gram<T>(Y, Y, true, mbb);
 
   // Row pass: P = X Maa, Q = Y Mba, R = Y Mbb a block of rows at a time; the three sums, the
   // row's loss term and weights; the first part of the gradient alpha P - beta Q.
@@ -862,8 +852,12 @@ void sp_feature_impl(const at::Tensor& student, const at::Tensor& teacher, const
   // The rest of the gradient: X (X^T diag(alpha) X) - Y (Y^T diag(beta) X), a block of rows at a time.
   at::Tensor& s1 = maa;  // Maa and Mba are done: their buffers take the two sandwiches
   at::Tensor& s2 = mba;
-  feature_gram<T>(X, X, alpha.data(), true, s1);
-  feature_gram<T>(Y, X, beta.data(), false, s2);
+  at::Tensor scaled = at::empty({N, Ds}, opt);  // diag(alpha) X, then diag(beta) X
+  at::mul_out(scaled, X, at::from_blob(alpha.data(), {N, 1}, opt));
+  feature_gram<T>(X, scaled, true, s1);
+  at::mul_out(scaled, X, at::from_blob(beta.data(), {N, 1}, opt));
+  feature_gram<T>(Y, scaled, false, s2);
+  scaled.reset();
   run_tasks<int>(nblk, [] { return 0; }, [&](int64_t b, int&) {
     const int64_t r0 = b * kFeatRows, rows = std::min(kFeatRows, N - r0);
     at::Tensor g = gacc.narrow(0, r0, rows);
