@@ -4,7 +4,7 @@ The family suites run the interpreter with the launchers' small CPU blocks (nump
 so those are fastest there). On CUDA tensors the launchers choose other programs: kd and sparse
 rows in chunks of 4096 logits, attention rows of up to 2048 keys in 2048-entry tiles and 1024-wide
 transfer blocks split 32 channels at a time, relation blocks of 64 queries, relational Gram tiles
-of 32 x 32 with 64 output columns. ``fastkd.triton.GPU_LAYOUT_ON_CPU`` makes them choose those on
+of 16 x 32 (distance) or 32 x 32 with up to 256 or 512 output columns per program. ``fastkd.triton.GPU_LAYOUT_ON_CPU`` makes them choose those on
 CPU tensors too, so the programs a GPU would run are checked here, on shapes that cross their
 block edges. (tests/test_triton_compile.py compiles the same programs for sm_90.)
 """
@@ -124,14 +124,20 @@ def test_attention_relation_at_gpu_blocks(launches):
 
 @pytest.mark.parametrize("loss", ["distance", "angle", "sp"])
 def test_relational_at_gpu_tiles(launches, loss):
-    """N = 75: three 32-row tiles, the last partial; Ds = 70: two 64-column output slices."""
+    """Shapes that cross the GPU tiles: distance N = 45 in 16-row programs over 32-column
+    tiles, Ds = 300 in two gradient slices of 256; similarity N = 75 in 32 x 32 tiles, Ds = 600
+    in two slices of 512; angle N = 40 in blocks of 16, Ds = 70 in one slice of 128 (the
+    interpreter's own layout splits rows into slices of 32 in tests/test_relational.py; here
+    two slices of 512 would take the interpreter a minute)."""
     from test_relational import FAMILY, assert_close, make_pair, run_both
 
     device = skip_unless_available("triton", FAMILY[loss])
-    n = 40 if loss == "angle" else 75
-    s, t = make_pair(n, 70, 33, torch.float32, device, seed=5, dups=True)
+    n, ds = {"distance": (45, 300), "sp": (75, 600), "angle": (40, 70)}[loss]
+    s, t = make_pair(n, ds, 33, torch.float32, device, seed=5, dups=True)
     out, ref, g, rg = run_both(loss, s, t, "triton")
     assert_close(out, ref, torch.float32, "loss")
     assert_close(g, rg, torch.float32, "grad")
     kernel = {"distance": "_rkd_distance_kernel", "angle": "_rkd_angle_kernel", "sp": "_sp_kernel"}[loss]
-    launched(launches, kernel, BDO=64)
+    blocks = {"distance": dict(BI=16, BJ=32, BDO=256), "sp": dict(BI=32, BJ=32, BDO=512),
+              "angle": dict(BM=16, BDO=128)}[loss]
+    launched(launches, kernel, **blocks)

@@ -306,12 +306,26 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _blocks(x: torch.Tensor):
-    """(BI, BJ, BD, BDO). Interpreter: small tiles (numpy per op). GPU: a conservative first
-    choice, not tuned yet (GPU tuning and benchmarks are a separate issue)."""
+def _out_block(D: int, cap: int) -> int:
+    """BLOCK_DO on a GPU: the whole gradient row when it fits under ``cap`` (a power of 2 >= 32),
+    since every further slice of it recomputes all of the program's Gram tiles (or, for the
+    angle, its O(N^2) triples) once more."""
+    return min(cap, max(32, triton.next_power_of_2(D)))
+
+
+def _blocks(x: torch.Tensor, family: str):
+    """(BI, BJ, BD, BDO, num_warps). Interpreter: small tiles (numpy per op). GPU: chosen from
+    sm_90 compiles (registers per thread, spills: ``python tests/_triton_offline.py
+    relational``), not yet from timings: distance 16 x 32 tiles with up to 256 gradient
+    columns per program, 225 registers and no spill at 8 warps (32 x 32 with 256 columns
+    spills 624 B); similarity-preserving 32 x 32 with up to 512 columns, 182 registers, no
+    spill. Before, both took 64 columns: at D = 512, eight slices and eight times the Grams."""
     if not gpu_layout(x):
-        return 16, 16, 32, 32
-    return 32, 32, 32, 64
+        return 16, 16, 32, 32, 4
+    D = x.shape[1]
+    if family == "rkd_distance":
+        return 16, 32, 32, _out_block(D, 256), 8
+    return 32, 32, 32, _out_block(D, 512), 8
 
 
 def _prep(x: torch.Tensor, centre: bool):
@@ -345,7 +359,7 @@ def rkd_distance_triton(student, teacher, loss, grad_student, eps: float, huber_
     xs, sqs = _prep(student, True)
     xt, sqt = _prep(teacher, True)
     Ds, Dt = xs.shape[1], xt.shape[1]
-    BI, BJ, BD, BDO = _blocks(xs)
+    BI, BJ, BD, BDO, warps = _blocks(xs, "rkd_distance")
     want = grad_student is not None
     grid = (triton.cdiv(N, BI), triton.cdiv(Ds, BDO) if want else 1)
     delta, inv_delta, l1 = _huber_args(huber_delta)
@@ -353,7 +367,7 @@ def rkd_distance_triton(student, teacher, loss, grad_student, eps: float, huber_
     row2 = torch.empty_like(row1)
     Bv = torch.empty_like(xs) if want else row1
     scal = torch.empty(2, dtype=torch.float32, device=xs.device)
-    common = dict(WANT_GRAD=want, L1=l1, BI=BI, BJ=BJ, BD=BD, BDO=BDO)
+    common = dict(WANT_GRAD=want, L1=l1, BI=BI, BJ=BJ, BD=BD, BDO=BDO, num_warps=warps)
     _rkd_distance_kernel[grid](xs, sqs, xt, sqt, scal, row1, row2, Bv, N, Ds, Dt, float(eps),
                                1.0 / (N * N), delta, inv_delta, PASS=1, **common)
     pairs = float(N * (N - 1))
@@ -374,7 +388,7 @@ def similarity_preserving_triton(student, teacher, loss, grad_student) -> None:
     xs, _ = _prep(student, False)
     xt, _ = _prep(teacher, False)
     Ds, Dt = xs.shape[1], xt.shape[1]
-    BI, BJ, BD, BDO = _blocks(xs)
+    BI, BJ, BD, BDO, warps = _blocks(xs, "similarity_preserving")
     want = grad_student is not None
     ss = torch.empty(N, dtype=torch.float32, device=xs.device)
     tt, st = torch.empty_like(ss), torch.empty_like(ss)
@@ -390,7 +404,7 @@ def similarity_preserving_triton(student, teacher, loss, grad_student) -> None:
     out = torch.empty_like(xs) if want else ss
     grid = (triton.cdiv(N, BI), triton.cdiv(Ds, BDO) if want else 1)
     _sp_kernel[grid](xs, xt, rowv, loss_rows, out, N, Ds, Dt, WANT_GRAD=want, BI=BI, BJ=BJ, BD=BD,
-                     BDO=BDO)
+                     BDO=BDO, num_warps=warps)
     loss.copy_(loss_rows.double().sum() * inv_n2)
     if want:
         grad_student.copy_(out)
@@ -403,7 +417,9 @@ def rkd_angle_triton(student, teacher, loss, grad_student, huber_delta: float) -
     xt, sqt = _prep(teacher, True)
     Ds, Dt = xs.shape[1], xt.shape[1]
     on_gpu = gpu_layout(xs)
-    BM, BD, BDO = (16, 32, 64) if on_gpu else (16, 32, 32)
+    # GPU: the whole gradient row per program up to 512 columns (each further slice would
+    # redo the block's O(N^2) triples); 416 B of spills at D = 512, 288 B with 64 columns
+    BM, BD, BDO = (16, 32, _out_block(Ds, 512)) if on_gpu else (16, 32, 32)
     want = grad_student is not None
     grid = (triton.cdiv(N, BM), triton.cdiv(Ds, BDO) if want else 1)
     delta, inv_delta, l1 = _huber_args(huber_delta)
@@ -411,7 +427,7 @@ def rkd_angle_triton(student, teacher, loss, grad_student, huber_delta: float) -
     out = torch.empty_like(xs) if want else loss_part
     n3 = float(N) ** 3
     # 8 warps: compiled for sm_90 the kernel needs 255 registers either way, and at 4 warps it
-    # spills 1.4 KB per thread with a gradient (0.3 KB at 8); both keep 8 warps on an SM
+    # spills 1.4 KB per thread with a gradient (0.3-0.4 KB at 8); both keep 8 warps on an SM
     _rkd_angle_kernel[grid](xs, sqs, xt, sqt, loss_part, out, N, Ds, Dt, delta, inv_delta,
                             2.0 / n3, WANT_GRAD=want, L1=l1, BM=BM, BD=BD, BDO=BDO,
                             num_warps=8 if on_gpu else 4)
