@@ -17,6 +17,7 @@ backend itself (MLIR, LLVM, the ptxas it ships) runs on any x86-64 machine, so t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -218,6 +219,9 @@ def _attention_configs():
                     A.attention_relation_bwd_triton(sm, sn, tm, tn, mask, heads, 0.125, 0.125, lse_s, lse_t,
                                                     cuda_empty(2), torch.empty_like(sm), torch.empty_like(sn))
                 yield f"attention_relation L={L} Ds={Ds} Dt={Dt} A={heads} mask={masked} {dt}", relation
+                if dt == torch.float32 and L == 4096 and masked:  # the opt-in tensor-core score tiles
+                    yield (f"attention_relation L={L} Ds={Ds} Dt={Dt} A={heads} mask={masked} {dt} tf32x3",
+                           functools.partial(_with_env, "FASTKD_TRITON_FP32_DOT", "tf32x3", relation))
 
 
 def _relational_configs():
@@ -242,6 +246,21 @@ def _relational_configs():
                                        torch.empty_like(s) if grad else None, 1.0)
                 for name, fn in (("rkd_distance", dist), ("similarity_preserving", sp), ("rkd_angle", angle)):
                     yield f"{name} N={N} Ds={Ds} Dt={Dt} {dt} grad={grad}", fn
+                    if dt == torch.float32 and N == 16384:  # the opt-in tensor-core Gram tiles
+                        yield (f"{name} N={N} Ds={Ds} Dt={Dt} {dt} grad={grad} tf32x3",
+                               functools.partial(_with_env, "FASTKD_TRITON_FP32_DOT", "tf32x3", fn))
+
+
+def _with_env(name, value, fn):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        fn()
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
 
 
 def _loss_dtype(dt):

@@ -517,6 +517,26 @@ def test_relation_matches_oracle(backend, mask_mode, dtype, L):
           [st["q"], st["k"], st["v"]], backend, dtype)
 
 
+def test_relation_tf32x3_opt_in(monkeypatch):
+    """FASTKD_TRITON_FP32_DOT=tf32x3: fp32 score tiles from three TF32 tensor-core products, close
+    to fp32 (tolerance 16x the default: ~1e-6 per product instead of 6e-8). The interpreter
+    computes every precision alike, so on CPU this checks the plumbing; a GPU checks the
+    accuracy. A bad value is an error that names the variable."""
+    device = skip_unless_available("triton", "attention_relation")
+    monkeypatch.setenv("FASTKD_TRITON_FP32_DOT", "tf32x3")
+    B, A, L = 2, 2, 37
+    st = _states(B, L, 24, torch.float32, device, 30, 2.0)
+    tt = _states(B, L, 40, torch.float32, device, 40, 2.0)
+    tref = {k: v.double().cpu() for k, v in tt.items()}
+    check(lambda q, k, v, be: fastkd.attention_relation_loss(
+              {"q": q, "k": k, "v": v}, tt, num_relation_heads=A, backend=be),
+          lambda q, k, v: oracle_relation({"q": q, "k": k, "v": v}, tref, A),
+          [st["q"], st["k"], st["v"]], "triton", torch.float32, factor=1024.0)
+    monkeypatch.setenv("FASTKD_TRITON_FP32_DOT", "tf32")
+    with pytest.raises(ValueError, match="FASTKD_TRITON_FP32_DOT"):
+        fastkd.attention_relation_loss(st, tt, num_relation_heads=A, backend="triton")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_relation_cross_relations_and_tuples(backend):
     """(q, k) and (v, v) relations from (q, k, v) tuples, 3 heads, longer than one block."""

@@ -287,6 +287,24 @@ def test_sp_cpp_form_choice(monkeypatch):
         torch.ops.fastkd.similarity_preserving_fwd(*tall, torch.empty(()), None)
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_triton_tf32x3_opt_in(loss, monkeypatch):
+    """FASTKD_TRITON_FP32_DOT=tf32x3: Gram tiles from three TF32 tensor-core products, close to
+    fp32 (about 1e-6 relative per product instead of 6e-8; tolerance 10x the fp32 one). The
+    interpreter computes every precision alike, so on CPU this checks the plumbing; a GPU
+    checks the accuracy. A bad value is an error that names the variable."""
+    device = skip_unless_available("triton", FAMILY[loss])
+    monkeypatch.setenv("FASTKD_TRITON_FP32_DOT", "tf32x3")
+    n, ds, dt = _shape(loss, "triton")
+    s, t = make_pair(n, ds, dt, torch.float32, device, seed=16, dups=True)
+    out, ref, g, rg = run_both(loss, s, t, "triton")
+    assert_close(out, ref, torch.float32, "loss", rel32=4e-5)
+    assert_close(g, rg, torch.float32, "grad", rel32=4e-5, atol=1e-6)
+    monkeypatch.setenv("FASTKD_TRITON_FP32_DOT", "fast")
+    with pytest.raises(ValueError, match="FASTKD_TRITON_FP32_DOT"):
+        FN[loss](s, t, backend="triton")
+
+
 def test_sp_cpp_forms_near_a_match(monkeypatch):
     """What the README says of the two forms' precision when the student nearly matches the
     teacher (rows 1% apart; loss ~4e-7): the pairwise form's gradient error stays within 3x

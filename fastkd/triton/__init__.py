@@ -15,3 +15,21 @@ GPU_LAYOUT_ON_CPU = False
 def gpu_layout(t) -> bool:
     """Whether a launcher takes its GPU block sizes for tensor ``t``."""
     return t.device.type != "cpu" or GPU_LAYOUT_ON_CPU
+
+
+FP32_DOT_PRECISIONS = ("ieee", "tf32x3")
+
+
+def fp32_dot_precision() -> str:
+    """``input_precision`` of the fp32 ``tl.dot`` calls that build Gram and score tiles (the
+    relational losses, attention relations): ``FASTKD_TRITON_FP32_DOT``, default ``ieee``
+    (exact fp32 products: plain FMA, no tensor cores on NVIDIA GPUs). ``tf32x3`` splits each
+    operand in two TF32 halves and adds three tensor-core products, close to fp32 accuracy
+    (about 1e-6 relative per product instead of 6e-8) at several times the FMA rate. Not yet
+    timed or checked on a GPU: opt-in. The interpreter computes both alike."""
+    import os
+
+    value = os.environ.get("FASTKD_TRITON_FP32_DOT", "ieee").strip() or "ieee"
+    if value not in FP32_DOT_PRECISIONS:
+        raise ValueError(f"FASTKD_TRITON_FP32_DOT must be one of {FP32_DOT_PRECISIONS}, got {value!r}")
+    return value

@@ -13,9 +13,10 @@ launchers -> op registration, one family after the other.
   query row, running maxima and sums of both softmaxes and the KL relative to them, and writes
   the row loss and both row log-sum-exps ([B, A, L]); the backward recomputes score tiles from
   the saved log-sum-exps, once per query block for grad_m and once per key block for grad_n
-  (no atomics). Scores of fp32 inputs use IEEE fp32 dots (never TF32: they go through exp);
-  16-bit inputs use their own dtype with fp32 accumulation, and the gradient dots split the fp32
-  (q - p) tile into a 16-bit high and low part (two dots, ~16 significant bits).
+  (no atomics). Scores of fp32 inputs use IEEE fp32 dots (never plain TF32: they go through
+  exp; three-pass TF32 by opt-in, ``fastkd.triton.fp32_dot_precision``); 16-bit inputs use
+  their own dtype with fp32 accumulation, and the gradient dots split the fp32 (q - p) tile
+  into a 16-bit high and low part (two dots, ~16 significant bits).
 
 All arithmetic is float32 (float64 inputs are read as float32; a float64 ``loss`` is filled from
 float32 math). No atomics, no host syncs, fixed reduction orders: bitwise deterministic.
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastkd.reference.attention import AT_EPS, MAP_KINDS, SCORE_FLOOR
-from fastkd.triton import gpu_layout
+from fastkd.triton import fp32_dot_precision, gpu_layout
 from fastkd.triton.divergences import NEG_INF, _online_lse
 
 _FLOOR = tl.constexpr(SCORE_FLOOR)
@@ -533,7 +534,7 @@ def _relation_setup(student_m, student_n, teacher_m, teacher_n, mask, num_heads)
     block = 64 if L > 32 else 32
     if not gpu_layout(student_m):
         block = min(block, max(16, triton.next_power_of_2(L)))
-    meta = dict(HAS_MASK=mask is not None, LOWP_S=lowp_s, LOWP_T=lowp_t, PREC="ieee", BM=block,
+    meta = dict(HAS_MASK=mask is not None, LOWP_S=lowp_s, LOWP_T=lowp_t, PREC=fp32_dot_precision(), BM=block,
                 BN=block, BDS=max(16, triton.next_power_of_2(ds)),
                 BDT=max(16, triton.next_power_of_2(dt)), num_warps=4)
     strides = (student_m.stride(0), student_m.stride(1), student_n.stride(0), student_n.stride(1),

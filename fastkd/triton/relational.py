@@ -4,8 +4,9 @@ The math, the gradient formulas and the edge cases (eps, duplicated rows) are th
 ``fastkd.reference.relational`` (its module docstring is the contract). This file reads
 tile helpers -> kernels -> launchers -> op registration.
 
-Every kernel builds its Gram tiles from the embeddings with ``tl.dot`` (IEEE fp32, never TF32:
-distances come from |x_i|^2 + |x_j|^2 - 2 x_i.x_j and would lose their digits) and keeps only
+Every kernel builds its Gram tiles from the embeddings with ``tl.dot`` (IEEE fp32 by default,
+never plain TF32: distances come from |x_i|^2 + |x_j|^2 - 2 x_i.x_j and would lose their digits;
+``FASTKD_TRITON_FP32_DOT=tf32x3`` opts into three-pass TF32, see ``fp32_dot_precision``) and keeps only
 per-row vectors between passes, so extra memory is O(N D) (the centred fp32 copies and the
 gradient) plus O(N):
 
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.triton import gpu_layout
+from fastkd.triton import fp32_dot_precision, gpu_layout
 
 REFINE = tl.constexpr(1.0 / 64)
 
@@ -42,7 +43,7 @@ REFINE = tl.constexpr(1.0 / 64)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _gram_tile(x_ptr, offs_i, offs_j, mi, mj, D, BI: tl.constexpr, BJ: tl.constexpr,
-               BD: tl.constexpr):
+               BD: tl.constexpr, PREC: tl.constexpr):
     """G[i, j] = x_i . x_j for a [BI, BJ] tile (0 outside the masks)."""
     acc = tl.zeros((BI, BJ), dtype=tl.float32)
     for d0 in range(0, D, BD):
@@ -50,7 +51,7 @@ def _gram_tile(x_ptr, offs_i, offs_j, mi, mj, D, BI: tl.constexpr, BJ: tl.conste
         md = od < D
         a = tl.load(x_ptr + offs_i[:, None] * D + od[None, :], mask=mi[:, None] & md[None, :], other=0.0)
         b = tl.load(x_ptr + offs_j[:, None] * D + od[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+        acc += tl.dot(a, tl.trans(b), input_precision=PREC)
     return acc
 
 
@@ -72,9 +73,9 @@ def _exact_sq_tile(x_ptr, offs_i, offs_j, mi, mj, D, BI: tl.constexpr, BJ: tl.co
 
 @triton.jit
 def _dist_tile(x_ptr, sq_ptr, offs_i, offs_j, mi, mj, D, BI: tl.constexpr, BJ: tl.constexpr,
-               BD: tl.constexpr):
+               BD: tl.constexpr, PREC: tl.constexpr):
     """(G, r): the Gram tile and squared distances, near-zero ones recomputed exactly."""
-    G = _gram_tile(x_ptr, offs_i, offs_j, mi, mj, D, BI, BJ, BD)
+    G = _gram_tile(x_ptr, offs_i, offs_j, mi, mj, D, BI, BJ, BD, PREC)
     sqi = tl.load(sq_ptr + offs_i, mask=mi, other=0.0)
     sqj = tl.load(sq_ptr + offs_j, mask=mj, other=0.0)
     r = sqi[:, None] + sqj[None, :] - 2.0 * G
@@ -113,7 +114,8 @@ def _huber_grad(z, inv_delta, L1: tl.constexpr):
 def _rkd_distance_kernel(xs, sqs, xt, sqt, scal_ptr, row1_ptr, row2_ptr, out_ptr, N, Ds, Dt,
                          eps, inv_n2, delta, inv_delta,
                          PASS: tl.constexpr, WANT_GRAD: tl.constexpr, L1: tl.constexpr,
-                         BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr):
+                         BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr,
+                         PREC: tl.constexpr):
     """Pass 1: row1 = sum_j d^s_ij, row2 = sum_j d^t_ij, out = B. Pass 2: row1 = sum_j h,
     row2 = sum_j g_ij y_ij, out = A. scal_ptr holds (1/mu_s, 1/mu_t) in pass 2."""
     pid_i = tl.program_id(0)
@@ -132,8 +134,8 @@ def _rkd_distance_kernel(xs, sqs, xt, sqt, scal_ptr, row1_ptr, row2_ptr, out_ptr
     for j0 in range(0, N, BJ):
         offs_j = j0 + tl.arange(0, BJ)
         mj = offs_j < N
-        _, r_s = _dist_tile(xs, sqs, offs_i, offs_j, mi, mj, Ds, BI, BJ, BD)
-        _, r_t = _dist_tile(xt, sqt, offs_i, offs_j, mi, mj, Dt, BI, BJ, BD)
+        _, r_s = _dist_tile(xs, sqs, offs_i, offs_j, mi, mj, Ds, BI, BJ, BD, PREC)
+        _, r_t = _dist_tile(xt, sqt, offs_i, offs_j, mi, mj, Dt, BI, BJ, BD, PREC)
         valid = mi[:, None] & mj[None, :] & (offs_i[:, None] != offs_j[None, :])
         d_s = tl.sqrt(tl.maximum(r_s, eps))
         d_t = tl.sqrt(tl.maximum(r_t, eps))
@@ -151,7 +153,7 @@ def _rkd_distance_kernel(xs, sqs, xt, sqt, scal_ptr, row1_ptr, row2_ptr, out_ptr
             w = tl.where(live, g / d_s, 0.0)
         if WANT_GRAD:
             xj = tl.load(xs + offs_j[:, None] * Ds + od[None, :], mask=mj[:, None] & mdo[None, :], other=0.0)
-            acc += tl.dot(w, xj, input_precision="ieee")
+            acc += tl.dot(w, xj, input_precision=PREC)
             rs += tl.sum(w, axis=1)
     if pid_d == 0:
         tl.store(row1_ptr + offs_i, a1, mask=mi)
@@ -164,7 +166,7 @@ def _rkd_distance_kernel(xs, sqs, xt, sqt, scal_ptr, row1_ptr, row2_ptr, out_ptr
 
 @triton.jit
 def _sp_norms_kernel(xs, xt, ss_ptr, tt_ptr, st_ptr, N, Ds, Dt,
-                     BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+                     BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     offs_i = pid * BI + tl.arange(0, BI)
     mi = offs_i < N
@@ -174,8 +176,8 @@ def _sp_norms_kernel(xs, xt, ss_ptr, tt_ptr, st_ptr, N, Ds, Dt,
     for j0 in range(0, N, BJ):
         offs_j = j0 + tl.arange(0, BJ)
         mj = offs_j < N
-        gs = _gram_tile(xs, offs_i, offs_j, mi, mj, Ds, BI, BJ, BD)
-        gt = _gram_tile(xt, offs_i, offs_j, mi, mj, Dt, BI, BJ, BD)
+        gs = _gram_tile(xs, offs_i, offs_j, mi, mj, Ds, BI, BJ, BD, PREC)
+        gt = _gram_tile(xt, offs_i, offs_j, mi, mj, Dt, BI, BJ, BD, PREC)
         ss += tl.sum(gs * gs, axis=1)
         tt += tl.sum(gt * gt, axis=1)
         st += tl.sum(gs * gt, axis=1)
@@ -186,7 +188,8 @@ def _sp_norms_kernel(xs, xt, ss_ptr, tt_ptr, st_ptr, N, Ds, Dt,
 
 @triton.jit
 def _sp_kernel(xs, xt, rowv_ptr, loss_rows, out_ptr, N, Ds, Dt, WANT_GRAD: tl.constexpr,
-               BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr):
+               BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr,
+               PREC: tl.constexpr):
     """loss_rows[i] = sum_j (G_ij/n_i - Gt_ij/m_i)^2; out = (Z + Z^T) X, with rowv_ptr holding
     (1/n, 1/m, v, w) as four N-vectors."""
     pid_i = tl.program_id(0)
@@ -204,8 +207,8 @@ def _sp_kernel(xs, xt, rowv_ptr, loss_rows, out_ptr, N, Ds, Dt, WANT_GRAD: tl.co
     for j0 in range(0, N, BJ):
         offs_j = j0 + tl.arange(0, BJ)
         mj = offs_j < N
-        gs = _gram_tile(xs, offs_i, offs_j, mi, mj, Ds, BI, BJ, BD)
-        gt = _gram_tile(xt, offs_i, offs_j, mi, mj, Dt, BI, BJ, BD)
+        gs = _gram_tile(xs, offs_i, offs_j, mi, mj, Ds, BI, BJ, BD, PREC)
+        gt = _gram_tile(xt, offs_i, offs_j, mi, mj, Dt, BI, BJ, BD, PREC)
         e = gs * in_i[:, None] - gt * im_i[:, None]  # 0 outside the tile (zero Gram entries)
         a += tl.sum(e * e, axis=1)
         if WANT_GRAD:
@@ -213,7 +216,7 @@ def _sp_kernel(xs, xt, rowv_ptr, loss_rows, out_ptr, N, Ds, Dt, WANT_GRAD: tl.co
             w_j = tl.load(rowv_ptr + 3 * N + offs_j, mask=mj, other=0.0)
             y = (v_i[:, None] + v_j[None, :]) * gs - (w_i[:, None] + w_j[None, :]) * gt
             xj = tl.load(xs + offs_j[:, None] * Ds + od[None, :], mask=mj[:, None] & mdo[None, :], other=0.0)
-            acc += tl.dot(y, xj, input_precision="ieee")
+            acc += tl.dot(y, xj, input_precision=PREC)
     if pid_d == 0:
         tl.store(loss_rows + offs_i, a, mask=mi)
     if WANT_GRAD:
@@ -223,7 +226,7 @@ def _sp_kernel(xs, xt, rowv_ptr, loss_rows, out_ptr, N, Ds, Dt, WANT_GRAD: tl.co
 @triton.jit
 def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, inv_delta, w_scale,
                       WANT_GRAD: tl.constexpr, L1: tl.constexpr, BM: tl.constexpr,
-                      BD: tl.constexpr, BDO: tl.constexpr):
+                      BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr):
     """loss_part[pid] = sum of h over the triples (m, ., .) of this block; out = W X - rowsum(W) X
     for the block's rows, W_mk = w_scale (P - q_mk - q_km + t_mk + t_km) (w_scale = 2/N^3)."""
     pid_m = tl.program_id(0)
@@ -241,9 +244,9 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
         offs_k = k0 + tl.arange(0, BM)
         mk = offs_k < N
         vmk = mm[:, None] & mk[None, :]
-        gmk_s, r = _dist_tile(xs, sqs, offs_m, offs_k, mm, mk, Ds, BM, BM, BD)
+        gmk_s, r = _dist_tile(xs, sqs, offs_m, offs_k, mm, mk, Ds, BM, BM, BD, PREC)
         wmk_s = _inv_dist(r, vmk)
-        gmk_t, r = _dist_tile(xt, sqt, offs_m, offs_k, mm, mk, Dt, BM, BM, BD)
+        gmk_t, r = _dist_tile(xt, sqt, offs_m, offs_k, mm, mk, Dt, BM, BM, BD, PREC)
         wmk_t = _inv_dist(r, vmk)
         sqk_s = tl.load(sqs + offs_k, mask=mk, other=0.0)
         sqk_t = tl.load(sqt + offs_k, mask=mk, other=0.0)
@@ -253,13 +256,13 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
         for l0 in range(0, N, BM):
             offs_l = l0 + tl.arange(0, BM)
             ml = offs_l < N
-            gml_s, r = _dist_tile(xs, sqs, offs_m, offs_l, mm, ml, Ds, BM, BM, BD)
+            gml_s, r = _dist_tile(xs, sqs, offs_m, offs_l, mm, ml, Ds, BM, BM, BD, PREC)
             wml_s = _inv_dist(r, mm[:, None] & ml[None, :])
-            gml_t, r = _dist_tile(xt, sqt, offs_m, offs_l, mm, ml, Dt, BM, BM, BD)
+            gml_t, r = _dist_tile(xt, sqt, offs_m, offs_l, mm, ml, Dt, BM, BM, BD, PREC)
             wml_t = _inv_dist(r, mm[:, None] & ml[None, :])
-            gkl_s, r = _dist_tile(xs, sqs, offs_k, offs_l, mk, ml, Ds, BM, BM, BD)
+            gkl_s, r = _dist_tile(xs, sqs, offs_k, offs_l, mk, ml, Ds, BM, BM, BD, PREC)
             wkl_s = _inv_dist(r, mk[:, None] & ml[None, :])
-            gkl_t, r = _dist_tile(xt, sqt, offs_k, offs_l, mk, ml, Dt, BM, BM, BD)
+            gkl_t, r = _dist_tile(xt, sqt, offs_k, offs_l, mk, ml, Dt, BM, BM, BD, PREC)
             wkl_t = _inv_dist(r, mk[:, None] & ml[None, :])
             # T1, triples (m, k, l): a = (G_kl - G_ml + sq_m - G_mk) w_mk w_ml   [m, k, l]
             a_s = (gkl_s[None, :, :] - gml_s[:, None, :] + (sqm_s[:, None] - gmk_s)[:, :, None]) * \
@@ -293,7 +296,7 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
             W = w_scale * (p - wmk_s * q + wmk_s * wmk_s * s)
             W = tl.where(vmk & (offs_m[:, None] != offs_k[None, :]), W, 0.0)
             xk = tl.load(xs + offs_k[:, None] * Ds + od[None, :], mask=mk[:, None] & mdo[None, :], other=0.0)
-            acc += tl.dot(W, xk, input_precision="ieee")
+            acc += tl.dot(W, xk, input_precision=PREC)
             rs += tl.sum(W, axis=1)
     if pid_d == 0:
         tl.store(loss_part + pid_m, tl.sum(tl.sum(lacc, axis=1), axis=0))
@@ -367,7 +370,8 @@ def rkd_distance_triton(student, teacher, loss, grad_student, eps: float, huber_
     row2 = torch.empty_like(row1)
     Bv = torch.empty_like(xs) if want else row1
     scal = torch.empty(2, dtype=torch.float32, device=xs.device)
-    common = dict(WANT_GRAD=want, L1=l1, BI=BI, BJ=BJ, BD=BD, BDO=BDO, num_warps=warps)
+    common = dict(WANT_GRAD=want, L1=l1, BI=BI, BJ=BJ, BD=BD, BDO=BDO, PREC=fp32_dot_precision(),
+                  num_warps=warps)
     _rkd_distance_kernel[grid](xs, sqs, xt, sqt, scal, row1, row2, Bv, N, Ds, Dt, float(eps),
                                1.0 / (N * N), delta, inv_delta, PASS=1, **common)
     pairs = float(N * (N - 1))
@@ -392,7 +396,8 @@ def similarity_preserving_triton(student, teacher, loss, grad_student) -> None:
     want = grad_student is not None
     ss = torch.empty(N, dtype=torch.float32, device=xs.device)
     tt, st = torch.empty_like(ss), torch.empty_like(ss)
-    _sp_norms_kernel[(triton.cdiv(N, BI),)](xs, xt, ss, tt, st, N, Ds, Dt, BI=BI, BJ=BJ, BD=BD)
+    prec = fp32_dot_precision()
+    _sp_norms_kernel[(triton.cdiv(N, BI),)](xs, xt, ss, tt, st, N, Ds, Dt, BI=BI, BJ=BJ, BD=BD, PREC=prec)
     ns, nt = ss.double().sqrt(), tt.double().sqrt()
     n, m = ns.clamp_min(1e-12), nt.clamp_min(1e-12)
     inv_n2 = 1.0 / (N * N)
@@ -404,7 +409,7 @@ def similarity_preserving_triton(student, teacher, loss, grad_student) -> None:
     out = torch.empty_like(xs) if want else ss
     grid = (triton.cdiv(N, BI), triton.cdiv(Ds, BDO) if want else 1)
     _sp_kernel[grid](xs, xt, rowv, loss_rows, out, N, Ds, Dt, WANT_GRAD=want, BI=BI, BJ=BJ, BD=BD,
-                     BDO=BDO, num_warps=warps)
+                     BDO=BDO, PREC=prec, num_warps=warps)
     loss.copy_(loss_rows.double().sum() * inv_n2)
     if want:
         grad_student.copy_(out)
@@ -430,7 +435,7 @@ def rkd_angle_triton(student, teacher, loss, grad_student, huber_delta: float) -
     # spills 1.4 KB per thread with a gradient (0.3-0.4 KB at 8); both keep 8 warps on an SM
     _rkd_angle_kernel[grid](xs, sqs, xt, sqt, loss_part, out, N, Ds, Dt, delta, inv_delta,
                             2.0 / n3, WANT_GRAD=want, L1=l1, BM=BM, BD=BD, BDO=BDO,
-                            num_warps=8 if on_gpu else 4)
+                            PREC=fp32_dot_precision(), num_warps=8 if on_gpu else 4)
     loss.copy_(loss_part.double().sum() / n3)
     if want:
         grad_student.copy_(out)
