@@ -17,9 +17,11 @@ it runs over, so one hang cannot eat the budget; all output goes to DIR/logs/ an
              (one read of each input, one write of the gradient) and as a fraction of the rooflines,
              after a correctness check of those rows against the reference
   tests-cuda the cuda backend's own test files, then the cuda cases (-k cuda) of the family suites
-  bench      python -m fastkd.bench --full in two parts, each to its own JSON, written after every
+  bench      python -m fastkd.bench --full in three parts, each to its own JSON, written after every
              case: first one kd divergence and every other family's target shape (bench-targets.*),
-             then kd's other five divergences (bench-kd-rest.*)
+             then the relational losses and attention relations on triton with
+             FASTKD_TRITON_FP32_DOT=tf32x3 (bench-tf32x3.*, rows labelled triton[tf32x3]), then
+             kd's other five divergences (bench-kd-rest.*)
   tests      the rest of the pytest suite with FASTKD_REQUIRE_BACKENDS=torch,cpp,triton,cuda, so a
              backend that fails to build fails its tests instead of skipping them
   tune       fastkd.autotune_backends(): triton vs cuda per family (kd, sparse_kd, attention_map,
@@ -71,7 +73,11 @@ STAGES = ("env", "build", "roofline", "kd-target", "tests-cuda", "bench", "tests
 STAGE_CAP_S = {"env": 60, "build": 360, "roofline": 90, "kd-target": 180, "tests-cuda": 240, "bench": 240,
                "tests": 540, "tune": 240}
 # bench parts, in order of worth: each issue target's shape once, then kd's other divergences
+# (name, flags[, environment]); a part run with an environment labels its rows impl[name]
 BENCH_PARTS = (("targets", ["--full", "--divergence", "forward_kl"]),
+               # the relational and attention-relation Gram tiles on tensor cores (opt-in)
+               ("tf32x3", ["--full", "--loss", "relational,attention_relation", "--backend", "triton"],
+                {"FASTKD_TRITON_FP32_DOT": "tf32x3"}),
                ("kd-rest", ["--full", "--loss", "kd", "--divergence",
                             "reverse_kl,jsd,skew_forward_kl,skew_reverse_kl,tvd"]))
 XDIST_WORKERS = 8      # pytest-xdist processes sharing the one GPU in a test stage
@@ -473,7 +479,8 @@ def stage_bench(runner: Runner, timeout: float) -> dict:
     the cases it finished even when it is cut short."""
     deadline = time.monotonic() + timeout
     parts = []
-    for name, flags in BENCH_PARTS:
+    for name, flags, *env in BENCH_PARTS:
+        env = env[0] if env else {}
         left = min(deadline - time.monotonic(), runner.left())
         cmd = [sys.executable, "-m", "fastkd.bench", *flags, "--json", f"bench-{name}.json", "--no-progress"]
         if left < 20:
@@ -481,12 +488,12 @@ def stage_bench(runner: Runner, timeout: float) -> dict:
             continue
         js, txt = (os.path.join(runner.out, f"bench-{name}.{ext}") for ext in ("json", "txt"))
         cmd[-2] = js
-        rc, took, _ = runner.run(f"bench-{name}", cmd, left, {"PYTHONUNBUFFERED": "1"}, stdout_path=txt)
+        rc, took, _ = runner.run(f"bench-{name}", cmd, left, {"PYTHONUNBUFFERED": "1", **env}, stdout_path=txt)
         complete = None
         if os.path.exists(js):
             with open(js) as f:
                 complete = json.load(f).get("meta", {}).get("complete")
-        parts.append({"part": name, "rc": rc, "seconds": round(took, 1), "timed_out": rc is None,
+        parts.append({"part": name, "env": env, "rc": rc, "seconds": round(took, 1), "timed_out": rc is None,
                       "command": " ".join(cmd[1:]).replace(js, f"DIR/bench-{name}.json"),
                       "json": os.path.basename(js) if os.path.exists(js) else None, "complete": complete,
                       "table": os.path.basename(txt)})
@@ -549,8 +556,9 @@ def plan(stages: list, budget: float, test_files: list | None) -> list:
         "kd-target": f"kd_fwd N={KD_N} V={KD_V} bf16: cuda vs triton, TB/s, checked vs reference",
         "tests-cuda": "pytest " + " ".join(CUDA_TEST_FILES) + "; pytest -k cuda " + " ".join(CUDA_FAMILY_FILES),
         "tune": "fastkd.autotune_backends(): triton vs cuda per family/dtype/size -> DIR/tuning.json",
-        "bench": "; ".join(f"python -m fastkd.bench {' '.join(flags)} --json DIR/bench-{name}.json"
-                           for name, flags in BENCH_PARTS),
+        "bench": "; ".join("".join(f"{k}={v} " for k, v in (env[0] if env else {}).items())
+                           + f"python -m fastkd.bench {' '.join(flags)} --json DIR/bench-{name}.json"
+                           for name, flags, *env in BENCH_PARTS),
         "tests": ("pytest " + " ".join(_plugin_args()) + " (one run): " if "-n" in _plugin_args()
                   else "pytest, one process per file: ") + " ".join(os.path.basename(f) for f in
                                                                     (test_files or _test_files())),
@@ -588,14 +596,18 @@ def load_stages(dirs: list) -> dict:
 
 
 def _bench_rows(stages: dict) -> list:
-    """The result rows of the bench stage's JSONs, [] when it did not run or wrote none."""
+    """The result rows of the bench stage's JSONs, [] when it did not run or wrote none. Rows of
+    a part run with an environment have impl "<impl>[<part>]" (e.g. triton[tf32x3])."""
     be = stages.get("bench") or {}
     rows = []
     for part in be.get("parts", []):
         path = os.path.join(be.get("from", ""), part.get("json") or "")
         if part.get("json") and os.path.exists(path):
             with open(path) as f:
-                rows += json.load(f).get("results", [])
+                found = json.load(f).get("results", [])
+            if part.get("env"):
+                found = [dict(r, impl=f"{r['impl']}[{part['part']}]") for r in found]
+            rows += found
     return rows
 
 
@@ -609,7 +621,7 @@ def target_rows(rows: list) -> list:
         return [r for r in rows if r.get("error") is None and all(r.get(k) == v for k, v in want.items())]
 
     def best(cands):
-        ours = [r for r in cands if r["impl"] in ("triton", "cuda", "cpp", "torch")]
+        ours = [r for r in cands if r["impl"].split("[")[0] in ("triton", "cuda", "cpp", "torch")]
         return min(ours, key=lambda r: r["median_s"]) if ours else None
 
     def baseline(cands, impl):

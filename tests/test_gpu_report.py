@@ -218,17 +218,35 @@ def test_summary_merges_runs(gr, tmp_path):
 def test_bench_stage_runs_its_parts_and_keeps_their_json(gr, tmp_path, monkeypatch):
     tiny = ["--tiny", "--device", "cpu", "--backend", "torch,eager", "--dtype", "float32"]
     monkeypatch.setattr(gr, "BENCH_PARTS", (("one", tiny + ["--loss", "kd", "--divergence", "tvd"]),
-                                            ("two", tiny + ["--loss", "similarity_preserving"])))
+                                            ("two", tiny + ["--loss", "similarity_preserving"],
+                                             {"FASTKD_SP_FORM": "pairs"})))
     runner = gr.Runner(str(tmp_path), budget_s=400)
     res = gr.stage_bench(runner, timeout=300)
     assert [p["part"] for p in res["parts"]] == ["one", "two"] and res["timed_out"] is False, res
     for p in res["parts"]:
         assert p["rc"] == 0 and p["complete"] is True and p["command"].endswith(f"DIR/bench-{p['part']}.json --no-progress")
+    # a part's environment reaches its run (the report records it) and labels its rows
+    with open(tmp_path / "bench-two.json") as f:
+        assert json.load(f)["meta"]["fastkd_env"] == {"FASTKD_SP_FORM": "pairs"}
     rows = gr._bench_rows({"bench": dict(res, **{"from": str(tmp_path)})})
     assert {r["loss"] for r in rows} == {"kd_loss", "similarity_preserving_loss"}
-    assert {r["impl"] for r in rows} == {"torch", "eager"} and all(r["error"] is None for r in rows)
+    assert {r["impl"] for r in rows if r["loss"] == "kd_loss"} == {"torch", "eager"}
+    assert {r["impl"] for r in rows if r["loss"] != "kd_loss"} == {"torch[two]", "eager[two]"}
+    assert all(r["error"] is None for r in rows)
     late = gr.stage_bench(gr.Runner(str(tmp_path / "late"), budget_s=400), timeout=5)
     assert [p.get("skipped") for p in late["parts"]] == ["no time left"] * 2 and late["timed_out"]
+
+
+def test_targets_take_the_best_fastkd_row_and_name_its_variant(gr):
+    """A part's labelled rows (triton[tf32x3]) compete as fastkd rows; the eager baseline comes
+    from the plain part; the label says which variant met the target."""
+    case = dict(family="relational", which="rkd_distance", n=16384, error=None)
+    rows = [dict(case, impl="eager", median_s=0.050), dict(case, impl="triton", median_s=0.030),
+            dict(case, impl="triton[tf32x3]", median_s=0.008)]
+    got = {name: (measured, met) for name, measured, met in gr.target_rows(rows)}
+    assert got["rkd_distance N=16384: eager out of memory or >= 5x slower"] == ("6.25x faster (triton[tf32x3])", True)
+    got = {name: (measured, met) for name, measured, met in gr.target_rows(rows[:2])}
+    assert got["rkd_distance N=16384: eager out of memory or >= 5x slower"] == ("1.67x faster (triton)", False)
 
 
 def test_deliver_hands_back_three_files_that_unpack_to_the_report(gr, tmp_path):
