@@ -227,7 +227,7 @@ def test_bench_stage_runs_its_parts_and_keeps_their_json(gr, tmp_path, monkeypat
         assert p["rc"] == 0 and p["complete"] is True and p["command"].endswith(f"DIR/bench-{p['part']}.json --no-progress")
     # a part's environment reaches its run (the report records it) and labels its rows
     with open(tmp_path / "bench-two.json") as f:
-        assert json.load(f)["meta"]["fastkd_env"] == {"FASTKD_SP_FORM": "pairs"}
+        assert json.load(f)["meta"]["fastkd_env"]["FASTKD_SP_FORM"] == "pairs"
     rows = gr._bench_rows({"bench": dict(res, **{"from": str(tmp_path)})})
     assert {r["loss"] for r in rows} == {"kd_loss", "similarity_preserving_loss"}
     assert {r["impl"] for r in rows if r["loss"] == "kd_loss"} == {"torch", "eager"}
