@@ -560,6 +560,23 @@ void rkd_distance_impl(const at::Tensor& student, const at::Tensor& teacher, con
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row i of similarity-preserving from its three sums ss = |Gs_i|^2, st = Gs_i . Gt_i,
+// tt = |Gt_i|^2 (both forms): the clamped norms n, m (F.normalize's eps), the row's loss term
+// sum_j (Gs_ij / n - Gt_ij / m)^2 and the gradient weights v (of Gs) and w (of Gt) of
+// Z = diag(v) Gs - diag(w) Gt.
+struct SpRow {
+  double n, m, loss, v, w;
+  SpRow(double ss, double st, double tt, double invN2) {
+    const double ns = std::sqrt(ss);
+    n = std::max(ns, kSpEps), m = std::max(std::sqrt(tt), kSpEps);
+    loss = ss / (n * n) + tt / (m * m) - 2.0 * st / (n * m);
+    const double rho = 2.0 * invN2 * (ss / (n * n) - st / (n * m));
+    v = (2.0 * invN2 - (ns >= kSpEps ? rho : 0.0)) / (n * n);
+    w = 2.0 * invN2 / (n * m);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Similarity-preserving, two Ordered sweeps. Sweep 0: the row sums |Gs_i|^2, |Gt_i|^2,
 // Gs_i . Gt_i (each tile adds its column sums to the rows it covers and leaves its row sums,
 // added in tile order by the tile-row's finishing task). Sweep 1: the loss and the gradient
@@ -643,13 +660,11 @@ void sp_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
   const double invN2 = 1.0 / (static_cast<double>(N) * N);
   std::vector<T> inv_n(N), inv_m(N), vv(N), ww(N);
   for (int64_t i = 0; i < N; ++i) {
-    const double ns = std::sqrt(ss[i]), nt = std::sqrt(tt[i]);
-    const double n = std::max(ns, kSpEps), m = std::max(nt, kSpEps);
-    const double rho = 2.0 * invN2 * (ss[i] / (n * n) - st[i] / (n * m));
-    inv_n[i] = static_cast<T>(1.0 / n);
-    inv_m[i] = static_cast<T>(1.0 / m);
-    vv[i] = static_cast<T>((2.0 * invN2 - (ns >= kSpEps ? rho : 0.0)) / (n * n));
-    ww[i] = static_cast<T>(2.0 * invN2 / (n * m));
+    const SpRow row(ss[i], st[i], tt[i], invN2);
+    inv_n[i] = static_cast<T>(1.0 / row.n);
+    inv_m[i] = static_cast<T>(1.0 / row.m);
+    vv[i] = static_cast<T>(row.v);
+    ww[i] = static_cast<T>(row.w);
   }
 
   // sweep 1
@@ -727,7 +742,7 @@ void sp_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
 //   |Gs_i|^2 = x_i . (X Maa)_i,   Gs_i . Gt_i = x_i . (Y Mba)_i,   |Gt_i|^2 = y_i . (Y Mbb)_i
 // (Maa = X^T X, Mba = Y^T X, Mbb = Y^T Y), the loss sum_i |u_i Gs_i - v_i Gt_i|^2 / N^2 expands
 // into them, and the gradient (Z + Z^T) X with Z = diag(alpha) Gs - diag(beta) Gt (alpha,
-// beta: the pairwise form's weights vv, ww; they depend on row i's sums only) is
+// beta: SpRow's v, w; they depend on row i's sums only) is
 //   alpha * (X Maa) - beta * (Y Mba) + X (X^T diag(alpha) X) - Y (Y^T diag(beta) X).
 // Every product is cut into output tiles, each one single-threaded GEMM over the whole inner
 // dimension (no partial sums), so results do not depend on the thread count. Symmetric
@@ -826,15 +841,11 @@ void sp_feature_impl(const at::Tensor& student, const at::Tensor& teacher, const
         };
         for (int64_t ii = 0; ii < rows; ++ii) {
           const int64_t i = r0 + ii;
-          const double ss = std::max(0.0, dot(S.row(i), p + ii * Ds, Ds));
-          const double st = dot(S.row(i), q + ii * Ds, Ds);
-          const double tt = std::max(0.0, dot(Tt.row(i), r + ii * Dt, Dt));
-          const double ns = std::sqrt(ss), nt = std::sqrt(tt);
-          const double n = std::max(ns, kSpEps), m = std::max(nt, kSpEps);
-          row_loss[i] = ss / (n * n) + tt / (m * m) - 2.0 * st / (n * m);
-          const double rho = 2.0 * invN2 * (ss / (n * n) - st / (n * m));
-          alpha[i] = static_cast<T>((2.0 * invN2 - (ns >= kSpEps ? rho : 0.0)) / (n * n));
-          beta[i] = static_cast<T>(2.0 * invN2 / (n * m));
+          const SpRow row(std::max(0.0, dot(S.row(i), p + ii * Ds, Ds)), dot(S.row(i), q + ii * Ds, Ds),
+                          std::max(0.0, dot(Tt.row(i), r + ii * Dt, Dt)), invN2);
+          row_loss[i] = row.loss;
+          alpha[i] = static_cast<T>(row.v);
+          beta[i] = static_cast<T>(row.w);
           if (!want) continue;
           T* g = gacc.data_ptr<T>() + i * Ds;
           const Vec<T> va(alpha[i]), vb(beta[i]);
