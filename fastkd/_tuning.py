@@ -23,6 +23,7 @@ power of two. Choices are per class, so one process always runs a class on one b
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -213,7 +214,9 @@ def measure(family: str, device, dtype: str, size: int, candidates: Iterable[str
     (also on CPU, e.g. cpp vs torch, which is how it is tested without a GPU)."""
     device = torch.device(device)
     case = representative_case(family, dtype, size, elements)
-    with torch.enable_grad():
+    # CUDA events record on the current device's stream: make the measured device current
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.enable_grad(), on_device:
         args, leaves = case.make_inputs(device, 0)
         impls = {i.name: i for i in case.implementations(device, selected=list(candidates))
                  if i.kind == "fastkd"}

@@ -127,14 +127,20 @@ def compile_only(workdir: str):
             return self
         return tensor_copy(self, src, non_blocking)
 
+    # the launchers' device guard (fastkd.triton.on_tensor_device): a CPU-only torch has no
+    # CUDA device to make current, and the stand-in driver has a single one anyway
+    cuda_device = torch.cuda.device
+
     previous = getattr(driver, "_active", None)
     driver.set_active(_Sm90Driver())
     jit.JITFunction.run = run
     torch.Tensor.copy_ = copy_
+    torch.cuda.device = lambda device: contextlib.nullcontext()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield done
     finally:
+        torch.cuda.device = cuda_device
         torch.Tensor.copy_ = tensor_copy
         jit.JITFunction.run = original
         driver._active = previous  # None: Triton looks for a real driver again when next asked

@@ -6,6 +6,9 @@ family module does (and registers its ``fastkd_triton::*`` ops). Triton picks in
 before importing a family module.
 """
 
+import contextlib
+import functools
+
 # The launchers pick block sizes, chunking and warps for a GPU on CUDA tensors and smaller ones in
 # the interpreter (numpy per op). Tests set this to run the interpreter with the GPU's choices, so
 # the arithmetic of exactly the programs a GPU runs is checked without one.
@@ -33,3 +36,24 @@ def fp32_dot_precision() -> str:
     if value not in FP32_DOT_PRECISIONS:
         raise ValueError(f"FASTKD_TRITON_FP32_DOT must be one of {FP32_DOT_PRECISIONS}, got {value!r}")
     return value
+
+
+def on_tensor_device(launcher):
+    """Runs ``launcher`` with the CUDA device of its first argument (a tensor) made current.
+
+    A Triton launch goes to the current CUDA device and that device's current stream, not to the
+    device of its tensors (the CUDA C++ ops take a device guard for the same reason). Without
+    this, inputs on ``cuda:1`` while ``cuda:0`` is current (HF ``device_map="auto"`` puts the
+    lm_head and the loss on the last GPU) would run on the wrong GPU and stream: an error, an
+    illegal access, or a read unordered with the kernels that wrote the inputs."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        import torch
+
+        guard = torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext()
+        with guard:
+            return launcher(first, *args, **kwargs)
+
+    launch.on_tensor_device = True
+    return launch

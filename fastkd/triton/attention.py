@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastkd.reference.attention import AT_EPS, MAP_KINDS, SCORE_FLOOR
-from fastkd.triton import fp32_dot_precision, gpu_layout
+from fastkd.triton import fp32_dot_precision, gpu_layout, on_tensor_device
 from fastkd.triton.divergences import NEG_INF, _online_lse
 
 _FLOOR = tl.constexpr(SCORE_FLOOR)
@@ -148,6 +148,7 @@ def _p_mode(p: float) -> int:
     return 2 if p == 2.0 else (1 if p == 1.0 else 0)
 
 
+@on_tensor_device
 def attention_transfer_fwd_triton(student, teacher, loss, grad_student, p: float) -> None:
     """Fill ``loss`` [B] and optionally ``grad_student``; see the reference."""
     _check_last_contiguous(student, "student", 3)
@@ -304,6 +305,7 @@ def _mask_u8(mask):
     return mask.view(torch.uint8)
 
 
+@on_tensor_device
 def attention_map_fwd_triton(student, teacher, mask, loss, grad_student, kind: int,
                              student_scores: bool, teacher_scores: bool) -> None:
     """Fill ``loss`` [B, H, L] and optionally ``grad_student``; see the reference."""
@@ -542,6 +544,7 @@ def _relation_setup(student_m, student_n, teacher_m, teacher_n, mask, num_heads)
     return B, L, ds, dt, meta, strides
 
 
+@on_tensor_device
 def attention_relation_fwd_triton(student_m, student_n, teacher_m, teacher_n, mask,
                                   num_heads: int, scale_s: float, scale_t: float, loss,
                                   lse_student, lse_teacher) -> None:
@@ -561,6 +564,7 @@ def attention_relation_fwd_triton(student_m, student_n, teacher_m, teacher_n, ma
         *strides, **meta)
 
 
+@on_tensor_device
 def attention_relation_bwd_triton(student_m, student_n, teacher_m, teacher_n, mask,
                                   num_heads: int, scale_s: float, scale_t: float, lse_student,
                                   lse_teacher, weight, grad_m, grad_n) -> None:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastkd.reference.divergences import DIVERGENCES
-from fastkd.triton import gpu_layout
+from fastkd.triton import gpu_layout, on_tensor_device
 
 NEG_INF = tl.constexpr(float("-inf"))
 # No NaN global: Triton checks at every launch that each global constexpr a kernel used still
@@ -322,6 +322,7 @@ def _leading_strides(x: torch.Tensor, name: str):
     return x.stride(0), x.stride(1)
 
 
+@on_tensor_device
 def kd_fwd_triton(student, teacher, labels, loss, grad_student, grad_teacher, divergence: int,
                   temperature: float, beta: float, skew: float, ignore_index: int,
                   soft_weight: float, hard_weight: float, scale_temperature: bool,

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.triton import fp32_dot_precision, gpu_layout
+from fastkd.triton import fp32_dot_precision, gpu_layout, on_tensor_device
 
 REFINE = tl.constexpr(1.0 / 64)
 
@@ -356,6 +356,7 @@ def _huber_args(delta: float):
     return float(delta), (1.0 / delta if delta > 0 else 0.0), delta == 0.0
 
 
+@on_tensor_device
 def rkd_distance_triton(student, teacher, loss, grad_student, eps: float, huber_delta: float) -> None:
     _check("rkd_distance_fwd", student, teacher, loss, grad_student)
     N = student.shape[0]
@@ -386,6 +387,7 @@ def rkd_distance_triton(student, teacher, loss, grad_student, eps: float, huber_
         grad_student.copy_((A - c.float() * Bv) * (2.0 * inv_mu[0]).float())
 
 
+@on_tensor_device
 def similarity_preserving_triton(student, teacher, loss, grad_student) -> None:
     _check("similarity_preserving_fwd", student, teacher, loss, grad_student)
     N = student.shape[0]
@@ -415,6 +417,7 @@ def similarity_preserving_triton(student, teacher, loss, grad_student) -> None:
         grad_student.copy_(out)
 
 
+@on_tensor_device
 def rkd_angle_triton(student, teacher, loss, grad_student, huber_delta: float) -> None:
     _check("rkd_angle_fwd", student, teacher, loss, grad_student)
     N = student.shape[0]

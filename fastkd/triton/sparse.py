@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from fastkd.reference.divergences import DIVERGENCES
-from fastkd.triton import gpu_layout
+from fastkd.triton import gpu_layout, on_tensor_device
 from fastkd.triton.divergences import (NEG_INF, _leading_strides, _log, _mixture_weights,
                                        _online_lse, _terms)
 
@@ -331,6 +331,7 @@ def _num_programs(device: torch.device, n_rows: int) -> int:
     return max(1, min(n_rows, cap))
 
 
+@on_tensor_device
 def sparse_kd_fwd_triton(student, indices, values, labels, loss, grad_student, divergence: int,
                          temperature: float, beta: float, skew: float, tail: int,
                          ignore_index: int, soft_weight: float, hard_weight: float,
