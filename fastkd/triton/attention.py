@@ -381,6 +381,15 @@ def _key_valid(mask_ptr, b, cols, L, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _block_and_head(L, BLOCK: tl.constexpr):
+    """(row block, b * A + a) of this program. One flat grid axis, the blocks of a head adjacent
+    (they share its key tiles in L2): a second axis of B * A would be capped at 65535."""
+    nblk = tl.cdiv(L, BLOCK)
+    pid = tl.program_id(0)
+    return pid % nblk, (pid // nblk).to(tl.int64)
+
+
+@triton.jit
 def _relation_fwd_kernel(
     xm_ptr, xn_ptr, ym_ptr, yn_ptr, mask_ptr, loss_ptr, lse_s_ptr, lse_t_ptr,
     L, A, ds, dt, scale_s, scale_t,
@@ -388,8 +397,7 @@ def _relation_fwd_kernel(
     HAS_MASK: tl.constexpr, LOWP_S: tl.constexpr, LOWP_T: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid, bh = _block_and_head(L, BM)
     b = bh // A
     a = bh % A
     rows = pid * BM + tl.arange(0, BM)
@@ -448,8 +456,7 @@ def _relation_bwd_m_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
 ):
     """grad_m rows of one query block: sum over key blocks of dS X_n."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid, bh = _block_and_head(L, BM)
     b = bh // A
     a = bh % A
     rows = pid * BM + tl.arange(0, BM)
@@ -484,8 +491,7 @@ def _relation_bwd_n_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
 ):
     """grad_n rows of one key block: sum over query blocks of dS^T X_m (tiles computed transposed)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid, bh = _block_and_head(L, BN)
     b = bh // A
     a = bh % A
     cols = pid * BN + tl.arange(0, BN)
@@ -557,7 +563,7 @@ def attention_relation_fwd_triton(student_m, student_n, teacher_m, teacher_n, ma
     if B * L == 0:
         return
     m8 = _mask_u8(mask)
-    grid = (triton.cdiv(L, meta["BM"]), B * num_heads)
+    grid = (triton.cdiv(L, meta["BM"]) * B * num_heads,)
     _relation_fwd_kernel[grid](
         student_m, student_n, teacher_m, teacher_n, m8 if m8 is not None else loss, loss,
         lse_student, lse_teacher, L, num_heads, ds, dt, float(scale_s), float(scale_t),
@@ -586,8 +592,8 @@ def attention_relation_bwd_triton(student_m, student_n, teacher_m, teacher_n, ma
         _check_last_contiguous(g, "grad", 3)
         if g.shape != student_m.shape:
             raise ValueError(f"grad buffers must be {tuple(student_m.shape)}, got {tuple(g.shape)}")
-        kernel[(triton.cdiv(L, meta[blk]), B * num_heads)](*args, g, *nums, g.stride(0),
-                                                            g.stride(1), **meta)
+        kernel[(triton.cdiv(L, meta[blk]) * B * num_heads,)](*args, g, *nums, g.stride(0),
+                                                              g.stride(1), **meta)
 
 
 # ----------------------------------------------------------------------------------------------
