@@ -175,6 +175,29 @@ def test_duplicates_give_finite_gradients(backend, loss):
     assert_close(g, rg, torch.float32, "grad (collapsed student)")
 
 
+@pytest.mark.parametrize("offset", [1e-3, 1e-4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_angle_near_duplicates(backend, offset):
+    """Rows much closer than the batch's spread (a pair in each side, and a tight cluster of
+    three): each angle's numerator G_jk - G_ij - G_ik + G_ii cancels down to u_ij . u_ik, far
+    below float32's rounding of G, so kernels form the Gram entries and numerators in float64
+    (the cpp and torch backends compute the angle in float64, triton its Gram tiles, numerators
+    and gradient product). With float32 Grams the loss was 7-14% off and the gradient wrong by
+    up to 40x its largest entry; eager float32 code (explicit differences) is within 1e-6."""
+    device = skip_unless_available(backend, "rkd_angle")
+    n = 21 if backend == "triton" and INTERPRETED else 37
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(n, 24, generator=g, dtype=torch.float64) * 3 + 1.0
+    t = torch.randn(n, 16, generator=g, dtype=torch.float64)
+    s[5] = s[9] + offset * torch.randn(24, generator=g, dtype=torch.float64)
+    t[2] = t[7] + offset * torch.randn(16, generator=g, dtype=torch.float64)
+    s[12:15] = s[11] + offset * torch.randn(3, 24, generator=g, dtype=torch.float64)
+    s, t = s.float().to(device), t.float().to(device)
+    out, ref, grad, rgrad = run_both("angle", s, t, backend)
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(grad, rgrad, torch.float32, "grad")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_huber_delta_and_eps(backend):
     """delta = 0 is L1; a larger eps (as a clamp of squared distances) is honoured; a small

@@ -44,8 +44,9 @@ REFINE = tl.constexpr(1.0 / 64)
 @triton.jit
 def _gram_tile(x_ptr, offs_i, offs_j, mi, mj, D, BI: tl.constexpr, BJ: tl.constexpr,
                BD: tl.constexpr, PREC: tl.constexpr):
-    """G[i, j] = x_i . x_j for a [BI, BJ] tile (0 outside the masks)."""
-    acc = tl.zeros((BI, BJ), dtype=tl.float32)
+    """G[i, j] = x_i . x_j for a [BI, BJ] tile (0 outside the masks), in x's dtype (float32, or
+    float64 for the angle)."""
+    acc = tl.zeros((BI, BJ), dtype=x_ptr.dtype.element_ty)
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         md = od < D
@@ -60,7 +61,7 @@ def _exact_sq_tile(x_ptr, offs_i, offs_j, mi, mj, D, BI: tl.constexpr, BJ: tl.co
                    BD: tl.constexpr):
     """r[i, j] = |x_i - x_j|^2 from differences (exactly 0 for equal rows); a [BI, BJ, BD]
     temporary, so BD is small here."""
-    acc = tl.zeros((BI, BJ), dtype=tl.float32)
+    acc = tl.zeros((BI, BJ), dtype=x_ptr.dtype.element_ty)
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
         md = od < D
@@ -228,7 +229,12 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
                       WANT_GRAD: tl.constexpr, L1: tl.constexpr, BM: tl.constexpr,
                       BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr):
     """loss_part[pid] = sum of h over the triples (m, ., .) of this block; out = W X - rowsum(W) X
-    for the block's rows, W_mk = w_scale (P - q_mk - q_km + t_mk + t_km) (w_scale = 2/N^3)."""
+    for the block's rows, W_mk = w_scale (P - q_mk - q_km + t_mk + t_km) (w_scale = 2/N^3).
+
+    xs, xt, sqs, sqt are float64: the Gram tiles and the numerators G_kl - G_ml + sq_m - G_mk
+    (which cancel down to u_mk . u_ml) are float64, each numerator rounded to float32 once it is
+    formed; the rest is float32. In float32 Gram entries a near-duplicate pair's angles came out
+    wrong (see the reference's "Precision")."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -237,17 +243,18 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
     mdo = od < Ds
     sqm_s = tl.load(sqs + offs_m, mask=mm, other=0.0)
     sqm_t = tl.load(sqt + offs_m, mask=mm, other=0.0)
-    acc = tl.zeros((BM, BDO), dtype=tl.float32)
-    rs = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, BDO), dtype=tl.float64)
+    rs = tl.zeros((BM,), dtype=tl.float64)
     lacc = tl.zeros((BM, BM), dtype=tl.float32)
     for k0 in range(0, N, BM):
         offs_k = k0 + tl.arange(0, BM)
         mk = offs_k < N
         vmk = mm[:, None] & mk[None, :]
-        gmk_s, r = _dist_tile(xs, sqs, offs_m, offs_k, mm, mk, Ds, BM, BM, BD, PREC)
-        wmk_s = _inv_dist(r, vmk)
-        gmk_t, r = _dist_tile(xt, sqt, offs_m, offs_k, mm, mk, Dt, BM, BM, BD, PREC)
-        wmk_t = _inv_dist(r, vmk)
+        gmk_s, r = _dist_tile(xs, sqs, offs_m, offs_k, mm, mk, Ds, BM, BM, BD, "ieee")
+        wmk64 = _inv_dist(r, vmk)
+        wmk_s = wmk64.to(tl.float32)
+        gmk_t, r = _dist_tile(xt, sqt, offs_m, offs_k, mm, mk, Dt, BM, BM, BD, "ieee")
+        wmk_t = _inv_dist(r, vmk).to(tl.float32)
         sqk_s = tl.load(sqs + offs_k, mask=mk, other=0.0)
         sqk_t = tl.load(sqt + offs_k, mask=mk, other=0.0)
         q = tl.zeros((BM, BM), dtype=tl.float32)
@@ -256,18 +263,18 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
         for l0 in range(0, N, BM):
             offs_l = l0 + tl.arange(0, BM)
             ml = offs_l < N
-            gml_s, r = _dist_tile(xs, sqs, offs_m, offs_l, mm, ml, Ds, BM, BM, BD, PREC)
-            wml_s = _inv_dist(r, mm[:, None] & ml[None, :])
-            gml_t, r = _dist_tile(xt, sqt, offs_m, offs_l, mm, ml, Dt, BM, BM, BD, PREC)
-            wml_t = _inv_dist(r, mm[:, None] & ml[None, :])
-            gkl_s, r = _dist_tile(xs, sqs, offs_k, offs_l, mk, ml, Ds, BM, BM, BD, PREC)
-            wkl_s = _inv_dist(r, mk[:, None] & ml[None, :])
-            gkl_t, r = _dist_tile(xt, sqt, offs_k, offs_l, mk, ml, Dt, BM, BM, BD, PREC)
-            wkl_t = _inv_dist(r, mk[:, None] & ml[None, :])
+            gml_s, r = _dist_tile(xs, sqs, offs_m, offs_l, mm, ml, Ds, BM, BM, BD, "ieee")
+            wml_s = _inv_dist(r, mm[:, None] & ml[None, :]).to(tl.float32)
+            gml_t, r = _dist_tile(xt, sqt, offs_m, offs_l, mm, ml, Dt, BM, BM, BD, "ieee")
+            wml_t = _inv_dist(r, mm[:, None] & ml[None, :]).to(tl.float32)
+            gkl_s, r = _dist_tile(xs, sqs, offs_k, offs_l, mk, ml, Ds, BM, BM, BD, "ieee")
+            wkl_s = _inv_dist(r, mk[:, None] & ml[None, :]).to(tl.float32)
+            gkl_t, r = _dist_tile(xt, sqt, offs_k, offs_l, mk, ml, Dt, BM, BM, BD, "ieee")
+            wkl_t = _inv_dist(r, mk[:, None] & ml[None, :]).to(tl.float32)
             # T1, triples (m, k, l): a = (G_kl - G_ml + sq_m - G_mk) w_mk w_ml   [m, k, l]
-            a_s = (gkl_s[None, :, :] - gml_s[:, None, :] + (sqm_s[:, None] - gmk_s)[:, :, None]) * \
+            a_s = (gkl_s[None, :, :] - gml_s[:, None, :] + (sqm_s[:, None] - gmk_s)[:, :, None]).to(tl.float32) * \
                 (wmk_s[:, :, None] * wml_s[:, None, :])
-            a_t = (gkl_t[None, :, :] - gml_t[:, None, :] + (sqm_t[:, None] - gmk_t)[:, :, None]) * \
+            a_t = (gkl_t[None, :, :] - gml_t[:, None, :] + (sqm_t[:, None] - gmk_t)[:, :, None]).to(tl.float32) * \
                 (wmk_t[:, :, None] * wml_t[:, None, :])
             z = a_s - a_t
             lacc += tl.sum(_huber(z, delta, inv_delta, L1), axis=2)
@@ -276,9 +283,9 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
                 q += tl.sum(g * wml_s[:, None, :], axis=2)
                 s += tl.sum(g * a_s, axis=2)
                 # T2, triples (k, m, l): a = (G_ml - G_kl + sq_k - G_km) w_km w_kl   [m, k, l]
-                a_s = (gml_s[:, None, :] - gkl_s[None, :, :] + (sqk_s[None, :] - gmk_s)[:, :, None]) * \
+                a_s = (gml_s[:, None, :] - gkl_s[None, :, :] + (sqk_s[None, :] - gmk_s)[:, :, None]).to(tl.float32) * \
                     (wmk_s[:, :, None] * wkl_s[None, :, :])
-                a_t = (gml_t[:, None, :] - gkl_t[None, :, :] + (sqk_t[None, :] - gmk_t)[:, :, None]) * \
+                a_t = (gml_t[:, None, :] - gkl_t[None, :, :] + (sqk_t[None, :] - gmk_t)[:, :, None]).to(tl.float32) * \
                     (wmk_t[:, :, None] * wkl_t[None, :, :])
                 g = _huber_grad(a_s - a_t, inv_delta, L1)
                 q += tl.sum(g * wkl_s[None, :, :], axis=2)
@@ -287,22 +294,23 @@ def _rkd_angle_kernel(xs, sqs, xt, sqt, loss_part, out_ptr, N, Ds, Dt, delta, in
                 sql_s = tl.load(sqs + offs_l, mask=ml, other=0.0)
                 sql_t = tl.load(sqt + offs_l, mask=ml, other=0.0)
                 ww_s = wml_s[:, None, :] * wkl_s[None, :, :]
-                a_s = (gmk_s[:, :, None] - gml_s[:, None, :] - gkl_s[None, :, :] + sql_s[None, None, :]) * ww_s
-                a_t = (gmk_t[:, :, None] - gml_t[:, None, :] - gkl_t[None, :, :] + sql_t[None, None, :]) * \
-                    (wml_t[:, None, :] * wkl_t[None, :, :])
+                a_s = (gmk_s[:, :, None] - gml_s[:, None, :] - gkl_s[None, :, :] +
+                       sql_s[None, None, :]).to(tl.float32) * ww_s
+                a_t = (gmk_t[:, :, None] - gml_t[:, None, :] - gkl_t[None, :, :] +
+                       sql_t[None, None, :]).to(tl.float32) * (wml_t[:, None, :] * wkl_t[None, :, :])
                 p += tl.sum(_huber_grad(a_s - a_t, inv_delta, L1) * ww_s, axis=2)
         if WANT_GRAD:
             # q and s hold q_mk + q_km and s_mk + s_km over w_mk (w_km = w_mk)
-            W = w_scale * (p - wmk_s * q + wmk_s * wmk_s * s)
+            W = w_scale * (p.to(tl.float64) - wmk64 * q.to(tl.float64) + wmk64 * wmk64 * s.to(tl.float64))
             W = tl.where(vmk & (offs_m[:, None] != offs_k[None, :]), W, 0.0)
             xk = tl.load(xs + offs_k[:, None] * Ds + od[None, :], mask=mk[:, None] & mdo[None, :], other=0.0)
-            acc += tl.dot(W, xk, input_precision=PREC)
+            acc += tl.dot(W, xk)
             rs += tl.sum(W, axis=1)
     if pid_d == 0:
         tl.store(loss_part + pid_m, tl.sum(tl.sum(lacc, axis=1), axis=0))
     if WANT_GRAD:
         xm = tl.load(xs + offs_m[:, None] * Ds + od[None, :], mask=mm[:, None] & mdo[None, :], other=0.0)
-        tl.store(out_ptr + offs_m[:, None] * Ds + od[None, :], acc - rs[:, None] * xm,
+        tl.store(out_ptr + offs_m[:, None] * Ds + od[None, :], (acc - rs[:, None] * xm).to(tl.float32),
                  mask=mm[:, None] & mdo[None, :])
 
 
@@ -331,9 +339,9 @@ def _blocks(x: torch.Tensor, family: str):
     return 32, 32, 32, _out_block(D, 512), 8
 
 
-def _prep(x: torch.Tensor, centre: bool):
-    """fp32 contiguous copy (centred when asked) and its squared row norms."""
-    x = x.float()
+def _prep(x: torch.Tensor, centre: bool, dtype=torch.float32):
+    """Contiguous copy in ``dtype`` (centred when asked) and its squared row norms."""
+    x = x.to(dtype)
     if centre:
         x = x - x.mean(0, keepdim=True)
     x = x.contiguous()
@@ -421,8 +429,8 @@ def similarity_preserving_triton(student, teacher, loss, grad_student) -> None:
 def rkd_angle_triton(student, teacher, loss, grad_student, huber_delta: float) -> None:
     _check("rkd_angle_fwd", student, teacher, loss, grad_student)
     N = student.shape[0]
-    xs, sqs = _prep(student, True)
-    xt, sqt = _prep(teacher, True)
+    xs, sqs = _prep(student, True, torch.float64)  # float64 Gram tiles: see the kernel
+    xt, sqt = _prep(teacher, True, torch.float64)
     Ds, Dt = xs.shape[1], xt.shape[1]
     on_gpu = gpu_layout(xs)
     # GPU: the whole gradient row per program up to 512 columns (each further slice would
@@ -432,7 +440,7 @@ def rkd_angle_triton(student, teacher, loss, grad_student, huber_delta: float) -
     grid = (triton.cdiv(N, BM), triton.cdiv(Ds, BDO) if want else 1)
     delta, inv_delta, l1 = _huber_args(huber_delta)
     loss_part = torch.empty(grid[0], dtype=torch.float32, device=xs.device)
-    out = torch.empty_like(xs) if want else loss_part
+    out = torch.empty(xs.shape, dtype=torch.float32, device=xs.device) if want else loss_part
     n3 = float(N) ** 3
     # 8 warps: compiled for sm_90 the kernel needs 255 registers either way, and at 4 warps it
     # spills 1.4 KB per thread with a gradient (0.3-0.4 KB at 8); both keep 8 warps on an SM
