@@ -175,6 +175,20 @@ def test_duplicates_give_finite_gradients(backend, loss):
     assert_close(g, rg, torch.float32, "grad (collapsed student)")
 
 
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_input_gives_nan(backend, loss, value, side):
+    """A NaN or inf embedding makes the loss NaN, as in the eager code, never a finite number
+    (the distance's clamp max(r, eps) dropped a NaN in triton and cuda)."""
+    device = skip_unless_available(backend, FAMILY[loss])
+    s, t = make_pair(9, 6, 4, torch.float32, device, seed=5)
+    (s if side == "student" else t)[3, 1] = value
+    out = FN[loss](s.clone().requires_grad_(), t, backend=backend, **KW[loss])
+    assert torch.isnan(out).item(), f"{loss} on {backend}: {out.item()} for a {value} in the {side}"
+
+
 @pytest.mark.parametrize("offset", [1e-3, 1e-4])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_angle_near_duplicates(backend, offset):

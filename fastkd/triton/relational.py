@@ -138,8 +138,8 @@ def _rkd_distance_kernel(xs, sqs, xt, sqt, scal_ptr, row1_ptr, row2_ptr, out_ptr
         _, r_s = _dist_tile(xs, sqs, offs_i, offs_j, mi, mj, Ds, BI, BJ, BD, PREC)
         _, r_t = _dist_tile(xt, sqt, offs_i, offs_j, mi, mj, Dt, BI, BJ, BD, PREC)
         valid = mi[:, None] & mj[None, :] & (offs_i[:, None] != offs_j[None, :])
-        d_s = tl.sqrt(tl.maximum(r_s, eps))
-        d_t = tl.sqrt(tl.maximum(r_t, eps))
+        d_s = tl.sqrt(tl.maximum(r_s, eps, propagate_nan=tl.PropagateNan.ALL))  # NaN in, NaN out
+        d_t = tl.sqrt(tl.maximum(r_t, eps, propagate_nan=tl.PropagateNan.ALL))
         live = valid & (r_s >= eps)
         if PASS == 1:
             a1 += tl.sum(tl.where(valid, d_s, 0.0), axis=1)

@@ -223,6 +223,11 @@ __device__ __forceinline__ A huber(A z, const Args<A>& p) {
   if (p.l1) return az;
   return az < p.delta ? A(0.5) * p.inv_delta * z * z : az - A(0.5) * p.delta;
 }
+// max(r, eps) that keeps a NaN (fmax would return eps): a NaN input gives a NaN loss
+template <typename A>
+__device__ __forceinline__ A clamp_eps(A r, A eps) {
+  return r < eps ? eps : r;
+}
 template <typename A>
 __device__ __forceinline__ A huber_grad(A z, const Args<A>& p) {
   if (p.l1) return z > A(0) ? A(1) : (z < A(0) ? A(-1) : A(0));
@@ -300,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<A>) rkd_dist_sums_kernel(
       for (int b = 0; b < 4; ++b) {
         const int64_t i = i0 + 4 * ty + a, j = j0 + 4 * tx + b;
         if (j < p.N && j > i) {  // i < j < N; off-diagonal tiles have j > i throughout
-          const A ds = d_sqrt(fmax(rs[a][b], p.eps)), dt = d_sqrt(fmax(rt[a][b], p.eps));
+          const A ds = d_sqrt(clamp_eps(rs[a][b], p.eps)), dt = d_sqrt(clamp_eps(rt[a][b], p.eps));
           if (PASS == 1) {
             a1 += ds;
             a2 += dt;
@@ -381,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<A>) rkd_dist_grad_kernel(
       for (int b = 0; b < 4; ++b) {
         const int64_t i = i0 + 4 * ty + a, j = j0 + 4 * tx + b;
         const A r = sm.wt[4 * tx + b][4 * ty + a];
-        const A ds = d_sqrt(fmax(r, p.eps)), dt = d_sqrt(fmax(w[a][b], p.eps));
+        const A ds = d_sqrt(clamp_eps(r, p.eps)), dt = d_sqrt(clamp_eps(w[a][b], p.eps));
         const A y = ds * ims, z = y - dt * imt;
         const bool live = i < N && j < N && i != j && r >= p.eps;
         w[a][b] = live ? (huber_grad(z, p) * p.inv_n2 - c) / ds : A(0);
