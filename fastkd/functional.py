@@ -5,6 +5,7 @@ Function here reduces the row losses and, in backward, only scales the stored gr
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from numbers import Number
@@ -30,20 +31,34 @@ def _check_logits(name: str, x) -> None:
         raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
 
 
+def _is_number(value) -> bool:
+    """A real number, not a bool (True would silently read as 1)."""
+    return isinstance(value, Number) and not isinstance(value, (bool, complex))
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def _check_unit(name: str, value) -> float:
-    if not isinstance(value, Number) or not (0.0 <= float(value) <= 1.0):
+    if not _is_number(value) or not (0.0 <= float(value) <= 1.0):
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
 def _check_weight(name: str, value) -> float:
-    if not isinstance(value, Number) or not math.isfinite(float(value)):
+    if not _is_number(value) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
 def _check_vocab(vs: int, vt: int, vocab_size, s_name: str, t_name: str) -> int:
     """The vocabulary both sides are compared over: all of it, or the first vocab_size."""
+    for name, v in ((s_name, vs), (t_name, vt)):
+        if v < 1:
+            raise ValueError(f"{name} has an empty vocabulary (V = 0): nothing to distill")
     if vocab_size is None:
         if vs != vt:
             raise ValueError(f"{s_name} has {vs} vocabulary entries and {t_name} {vt}; "
@@ -115,6 +130,23 @@ def _rows3d(x: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- autograd
+def _differentiable_once(backward):
+    """For the backward of a Function whose gradient was computed in the forward: a double
+    backward (create_graph=True, e.g. a gradient penalty through the loss) would get a gradient
+    with no graph, i.e. silently zero second derivatives, so it is refused instead.
+    (torch's once_differentiable lets it through when the grad_outputs need no grad.)"""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("fastkd losses are differentiable once: their gradient is computed "
+                               "in the forward pass, so a double backward (create_graph=True) is "
+                               "not supported")
+        return backward(ctx, *grads)
+
+    return run
+
+
 def _kernel(family: str, backend):
     """The forward op of a family: a backend's, or a ready kernel (vocab-parallel ones from
     fastkd.distributed, which share the op's signature)."""
@@ -163,6 +195,7 @@ class _KDFunction(torch.autograd.Function):
         return _reduce(loss, reduction, denom, lead_shape, student.dtype)
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, grad_out):
         gs, gt, denom = ctx.saved_tensors
         gs, gt = _scale_stored_grads(ctx, grad_out, denom, (gs, gt))
@@ -204,11 +237,14 @@ def _scale_stored_grads(ctx, grad_out, denom, bufs):
     if inplace and ctx.reduction == "sum" and grad_out.numel() == 1 and _on_host(grad_out) \
             and float(grad_out) == 1.0:
         return bufs  # already exact: nothing to scale
-    g = grad_out.float()
+    # float64 gradients are scaled in float64 (grad_output and 1/denominator are not rounded
+    # to float32 first)
+    acc = torch.float64 if not inplace else torch.float32
+    g = grad_out.to(acc)
     if ctx.reduction == "none":
         scale = g.unsqueeze(-1)
     elif ctx.reduction == "batchmean":
-        scale = g / denom
+        scale = g / denom.to(acc)
     else:
         scale = g
     return tuple(None if b is None else (b.mul_(scale) if inplace else b * scale) for b in bufs)
@@ -242,6 +278,7 @@ class _SparseKDFunction(torch.autograd.Function):
         return _reduce(loss, reduction, denom, lead_shape, student.dtype)
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, grad_out):
         gs, denom = ctx.saved_tensors
         (gs,) = _scale_stored_grads(ctx, grad_out, denom, (gs,))
@@ -258,14 +295,25 @@ def _reduce(loss, reduction, denom, lead_shape, dtype):
 
 
 def _denominator(labels, n_rows: int, ignore_index: int, num_items_in_batch, device):
-    """batchmean's divisor as a float32 tensor, computed on device (no host sync)."""
+    """batchmean's divisor as a 0-d float32 tensor, computed on device (no host sync)."""
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            return num_items_in_batch.to(device=device, dtype=torch.float32)
-        if not isinstance(num_items_in_batch, Number) or num_items_in_batch <= 0:
-            raise ValueError(f"num_items_in_batch must be a positive number or a tensor, "
-                             f"got {num_items_in_batch!r}")
-        return torch.tensor(float(num_items_in_batch), device=device)
+        n = num_items_in_batch
+        if isinstance(n, torch.Tensor):
+            if n.numel() != 1 or n.dtype == torch.bool or n.dtype.is_complex:
+                raise ValueError(f"num_items_in_batch must be a positive number or a one-element "
+                                 f"real tensor, got a {n.dtype} tensor of shape {tuple(n.shape)}")
+            n = n.reshape(()).to(device=device, dtype=torch.float32)
+            ok = torch.isfinite(n) & (n > 0)
+            if _on_host(n):
+                if not bool(ok):
+                    raise ValueError(f"num_items_in_batch must be positive and finite, got {n.item()}")
+            else:  # no host sync on accelerators: an asynchronous device-side assert
+                torch._assert_async(ok, "num_items_in_batch must be positive and finite")
+            return n
+        if not _is_number(n) or not (0 < float(n) < math.inf):
+            raise ValueError(f"num_items_in_batch must be a positive finite number or a tensor, "
+                             f"got {n!r}")
+        return torch.tensor(float(n), device=device)
     if labels is None:
         return torch.tensor(float(max(n_rows, 1)), device=device)
     return (labels != ignore_index).sum().clamp_(min=1).to(torch.float32)
@@ -292,13 +340,15 @@ def _kd_options(divergence, temperature, beta, skew, ignore_index, hard_label_we
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
     beta = _check_unit("beta", beta)
     skew = _check_unit("skew", skew)
-    if not isinstance(temperature, Number) or not (0.0 < float(temperature) < math.inf):
+    if not _is_number(temperature) or not (0.0 < float(temperature) < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     hard = _check_weight("hard_label_weight", hard_label_weight)
     soft = _check_weight("soft_label_weight", soft_label_weight)
     _check_reduction(reduction, num_items_in_batch)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index must fit in int64 (labels are int64), got {ignore_index}")
     if hard != 0.0 and labels is None:
         raise ValueError("hard_label_weight != 0 needs labels")
     # TRL's generalized JSD: the endpoints are the plain KLs, not the degenerate mixture.
@@ -369,10 +419,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     denom = (_denominator(labels, n_rows, ignore_index, num_items_in_batch, student_logits.device)
              if reduction == "batchmean" else None)
     T, beta, skew, soft_w, hard_w = opts
-    params = (code, T, beta, skew, int(ignore_index), soft_w, hard_w, bool(scale_temperature),
-              float(softcap or 0.0))
+    params = (code, T, beta, skew, int(ignore_index), soft_w, hard_w,
+              _check_flag("scale_temperature", scale_temperature), float(softcap or 0.0))
+    if _check_flag("inplace", inplace) and any(
+            st == 0 and n > 1 for st, n in zip(student_logits.stride(), student_logits.shape)):
+        raise ValueError("inplace=True writes the gradient over student_logits, but its elements "
+                         "share memory (a stride-0 dim, e.g. from expand()); pass inplace=False")
     return _KDFunction.apply(student_logits, teacher_logits, labels, denom, "kd", name, vocab,
-                             reduction, bool(inplace), need_gs, need_gt, params)
+                             reduction, inplace, need_gs, need_gt, params)
 
 
 # ----------------------------------------------------------------------------- sparse_kd_loss
@@ -444,6 +498,9 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
         divergence, temperature, beta, skew, ignore_index, hard_label_weight, soft_label_weight,
         reduction, num_items_in_batch, labels)
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    if vocab < 1:
+        raise ValueError("student_logits has an empty vocabulary (V = 0): nothing to distill")
+    _check_flag("validate", validate)
     for name, x in (("teacher_indices", teacher_indices), ("teacher_values", teacher_values)):
         if isinstance(x, torch.Tensor) and x.device != student_logits.device:
             raise ValueError(f"{name} must be on student_logits' device {student_logits.device}, "
@@ -463,7 +520,7 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
     denom = (_denominator(labels, n_rows, ignore_index, num_items_in_batch, student_logits.device)
              if reduction == "batchmean" else None)
     params = (code, T, beta, skew, 0 if tail == "renormalize" else 1, int(ignore_index), soft_w,
-              hard_w, bool(scale_temperature))
+              hard_w, _check_flag("scale_temperature", scale_temperature))
     return _SparseKDFunction.apply(student_logits, teacher_indices, teacher_values.detach(),
                                    labels, denom, name, reduction, need_gs, params)
 
@@ -485,6 +542,9 @@ def _check_linear(prefix: str, hidden, weight, bias):
     for name, x in (("weight", weight), ("bias", bias)):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{prefix}_{name} must be on {prefix}_hidden's device {hidden.device}")
+        if x is not None and x.dtype != hidden.dtype:
+            raise TypeError(f"{prefix}_{name} ({x.dtype}) must have {prefix}_hidden's dtype "
+                            f"{hidden.dtype} (the lm_head matmul runs in one dtype)")
 
 
 def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -566,7 +626,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     grad_on = torch.is_grad_enabled()
     need = tuple(grad_on and x is not None and x.requires_grad
                  for x in (student_hidden, student_weight, student_bias))
-    params = (code, T, beta, skew, int(ignore_index), soft_w, hard_w, bool(scale_temperature),
+    params = (code, T, beta, skew, int(ignore_index), soft_w, hard_w,
+              _check_flag("scale_temperature", scale_temperature),
               float(softcap or 0.0))
     out = FusedLinearKDFunction.apply(
         hs, student_weight, student_bias, ht, teacher_weight.detach(),
@@ -640,6 +701,7 @@ class _RelationalFunction(torch.autograd.Function):
         return loss.to(student.dtype)
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, grad_out):
         (gs,) = ctx.saved_tensors
         (gs,) = _scale_stored_grads(ctx, grad_out, None, (gs,))
@@ -851,6 +913,7 @@ class _AttentionTransferFunction(torch.autograd.Function):
         return out.to(student.dtype)
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, grad_out):
         (gs,) = ctx.saved_tensors
         reduction, B, N, shape = ctx.at
@@ -949,6 +1012,7 @@ class _AttentionMapFunction(torch.autograd.Function):
         return _reduce(loss, reduction, denom, (B, H, L), student.dtype)
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, grad_out):
         gs, denom = ctx.saved_tensors
         (gs,) = _scale_stored_grads(ctx, grad_out, denom, (gs,))
@@ -1097,6 +1161,7 @@ class _AttentionRelationFunction(torch.autograd.Function):
         return (loss.sum((1, 2)) * weight).sum().to(xs_m.dtype)
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, grad_out):
         xs_m, xs_n, xt_m, xt_n, mask, weight, lse_s, lse_t = ctx.saved_tensors
         backend, heads, scale_s, scale_t = ctx.cfg
@@ -1185,9 +1250,9 @@ def attention_relation_loss(student_states, teacher_states, *, num_relation_head
                                  f"{tuple(x.shape)}")
             if x.device != dev:
                 raise ValueError(f"{name}[{key!r}] must be on {dev}, got {x.device}")
-            if x.shape[2] % A:
+            if x.shape[2] < 1 or x.shape[2] % A:
                 raise ValueError(f"num_relation_heads={A} must divide the width of {name}[{key!r}] "
-                                 f"({x.shape[2]})")
+                                 f"({x.shape[2]}), which must be at least 1")
         for m, n in rels:
             if d[m].shape[2] != d[n].shape[2]:
                 raise ValueError(f"{name}[{m!r}] and {name}[{n!r}] must have the same width to "
@@ -1196,8 +1261,8 @@ def attention_relation_loss(student_states, teacher_states, *, num_relation_head
                 raise TypeError(f"{name}[{m!r}] and {name}[{n!r}] must share a dtype, got "
                                 f"{d[m].dtype} and {d[n].dtype}")
     mask = _check_attention_mask(attention_mask, B, L, dev)
-    wide = any(x.dtype == torch.float64 for d in (st, tt) for x in d.values())
-    acc = torch.float64 if wide else torch.float32
+    # each relation runs in float64 when one of its four states is float64, else float32
+    acc = torch.float64
     # per-sample weight of a row KL: 1 / (A * valid rows * samples with a token * relations)
     if mask is None:
         weight = torch.full((B,), 1.0 / (A * max(L, 1) * max(B, 1) * len(rels)), dtype=acc,
@@ -1213,9 +1278,10 @@ def attention_relation_loss(student_states, teacher_states, *, num_relation_head
     for m, n in rels:
         xs_m, xs_n = st[m], st[n]
         ds, dt = xs_m.shape[2] // A, tt[m].shape[2] // A
+        wide = torch.float64 in (xs_m.dtype, tt[m].dtype)  # (m, n) share a dtype per side
         out = _AttentionRelationFunction.apply(
             xs_m, None if xs_n is xs_m else xs_n, tt[m].detach(),
-            None if tt[n] is tt[m] else tt[n].detach(), mask, weight, name, A,
-            1.0 / math.sqrt(ds), 1.0 / math.sqrt(dt))
+            None if tt[n] is tt[m] else tt[n].detach(), mask,
+            weight if wide else weight.float(), name, A, 1.0 / math.sqrt(ds), 1.0 / math.sqrt(dt))
         total = out if total is None else total + out
     return total

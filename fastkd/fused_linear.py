@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .functional import _differentiable_once
+
 
 # Bytes of chunk logits (student + teacher) to aim for; bounds the working set.
 _CHUNK_BYTES = {"cpu": 1 << 27, "cuda": 1 << 28}
@@ -66,7 +68,7 @@ def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, para
     kd_fwd = _kernel("kd", backend)
     N = hs.shape[0]
     dev = hs.device
-    wide = torch.float64 in (hs.dtype, ws.dtype)
+    wide = torch.float64 in (hs.dtype, ht.dtype)  # the kd kernel's float64 math (weights share them)
     loss_rows = torch.zeros(N, dtype=torch.float64 if wide else torch.float32, device=dev)
     grad_hs = torch.zeros_like(hs) if need[0] else None
     acc_dtype = torch.float64 if ws.dtype == torch.float64 else (
@@ -145,6 +147,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         return _reduce(loss_rows, reduction, denom, hs.shape[:-1], hs.dtype)
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, grad_out):
         from .functional import _scale_stored_grads
 
@@ -152,7 +155,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
             hs, ws, bs, ht, wt, bt, labels, rows = ctx.saved_tensors
             backend, vocab, chunk, params, need, group, fp32_acc = ctx.meta
             _, gh, gw, gb = chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab,
-                                       chunk, params, need, row_scale=grad_out.float(),
+                                       chunk, params, need, row_scale=grad_out,
                                        group=group, fp32_acc=fp32_acc)
         else:
             gh, gw, gb, denom = ctx.saved_tensors

@@ -554,6 +554,30 @@ def test_relation_cross_relations_and_tuples(backend):
           [st["q"], st["k"], st["v"]], backend, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_relation_dtypes_per_relation(backend):
+    """Relations of different dtypes in one call (q, k float32; v float64): each relation runs
+    in its own precision. The cpp op used to get float64 buffers for the float32 relations
+    (one accumulation dtype for the whole call) and raised inside the kernel."""
+    device = skip_unless_available(backend, "attention_relation")
+    g = torch.Generator().manual_seed(4)
+    r = lambda dt, w=8: torch.randn(2, 5, w, generator=g, dtype=torch.float64).to(dt).to(device)  # noqa: E731
+    st = {"q": r(torch.float32), "k": r(torch.float32), "v": r(torch.float64)}
+    tt = {"q": r(torch.float32, 12), "k": r(torch.float32, 12), "v": r(torch.float64, 12)}
+    leaves = {k: v.clone().requires_grad_() for k, v in st.items()}
+    out = fastkd.attention_relation_loss(leaves, tt, num_relation_heads=2, backend=backend)
+    out.backward()
+    ref_leaves = {k: v.double().requires_grad_() for k, v in st.items()}
+    ref = fastkd.attention_relation_loss(ref_leaves, {k: v.double() for k, v in tt.items()},
+                                         num_relation_heads=2, backend="torch")
+    ref.backward()
+    assert out.dtype == torch.float64  # the float64 relation's sum
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-7)
+    for k in st:
+        assert leaves[k].grad.dtype == st[k].dtype
+        torch.testing.assert_close(leaves[k].grad.double(), ref_leaves[k].grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_relation_long_left_padded(backend):
     """L = 300: several query blocks in every backend, the first ones fully padded."""
@@ -877,6 +901,8 @@ def _bad_calls():
          lambda: am(m, n, attention_mask=torch.ones(2, 1, 1, 5, dtype=torch.long))),
         ("num_relation_heads", ValueError, lambda: ar(st, tt, num_relation_heads=3)),
         ("num_relation_heads", ValueError, lambda: ar(st, tt, num_relation_heads=0)),
+        ("at least 1", ValueError, lambda: ar({k: v[..., :0] for k, v in st.items()},
+                                              {k: v[..., :0] for k, v in tt.items()}, num_relation_heads=1)),
         ("relations", ValueError, lambda: ar(st, tt, num_relation_heads=2, relations=[("q", "x")])),
         ("relations", ValueError, lambda: ar(st, tt, num_relation_heads=2, relations=[])),
         ("student_states", ValueError, lambda: ar({"q": st["q"]}, tt, num_relation_heads=2)),

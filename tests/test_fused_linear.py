@@ -142,6 +142,36 @@ def test_fused_linear_module_and_errors():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_mixed_student_teacher_dtypes(backend):
+    """A float32 student with a float64 teacher (kd_loss accepts the mix): float64 math, the
+    same as kd_loss on the materialized logits (the cpp kernel used to get a float32 loss
+    buffer and raise). Within one model, hidden, weight and bias must share a dtype."""
+    device = skip_unless_available(backend)
+    hs, ws, bs, _, _, _, labels = make_linear((3, 4), 8, 6, 29, torch.float32, device)
+    _, _, _, ht, wt, bt, _ = make_linear((3, 4), 8, 6, 29, torch.float64, device, seed=1)
+    kw = dict(divergence="jsd", beta=0.3, temperature=1.5, hard_label_weight=0.2)
+    leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]
+    out = fastkd.fused_linear_kd_loss(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
+                                      teacher_bias=bt, chunk_size=5, backend=backend, **kw)
+    out.backward()
+    ref_leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]
+    zs = ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2]
+    ref = fastkd.kd_loss(zs, ht @ wt.T + bt, labels, backend=backend, **kw)
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref.double(), rtol=1e-5, atol=1e-7)
+    for g, rg in zip(leaves, ref_leaves):
+        torch.testing.assert_close(g.grad, rg.grad, rtol=1e-4, atol=1e-6)
+    bf = hs.to(torch.bfloat16)
+    for needle, call in [
+        ("student_weight", lambda: fastkd.fused_linear_kd_loss(bf, ws, ht, wt)),
+        ("student_bias", lambda: fastkd.fused_linear_kd_loss(hs, ws, ht, wt, student_bias=bs.double())),
+        ("teacher_weight", lambda: fastkd.fused_linear_kd_loss(hs, ws, ht, wt.float())),
+    ]:
+        with pytest.raises(TypeError, match=needle):
+            call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_linear_weight_grad_in_the_weights_dtype(backend):
     """fp32_grad_accumulation=False sums the weight and bias gradients in their own dtype: the
     same as float32 accumulation for float32 weights (bitwise), within the low-precision bound

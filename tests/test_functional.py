@@ -1,0 +1,117 @@
+"""The layer every family shares (fastkd/functional.py): argument checks that no kernel sees,
+the batchmean denominator, the scaling of stored gradients, and the once-only backward."""
+import pytest
+import torch
+
+import fastkd
+
+S = lambda *shape, dtype=torch.float32: torch.randn(*shape, dtype=dtype)  # noqa: E731
+
+
+def _losses():
+    """One call per logits family, taking the same reduction keywords."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 4, 11, generator=g), torch.randn(3, 4, 11, generator=g)
+    idx = torch.topk(t, 3, dim=-1).indices
+    h, w = torch.randn(3, 4, 6, generator=g), torch.randn(11, 6, generator=g)
+    return {
+        "kd": lambda **kw: fastkd.kd_loss(s, t, **kw),
+        "sparse": lambda **kw: fastkd.sparse_kd_loss(s, idx, t.gather(-1, idx), **kw),
+        "fused": lambda **kw: fastkd.fused_linear_kd_loss(h, w, h * 0.5, w, **kw),
+    }
+
+
+@pytest.mark.parametrize("family", ["kd", "sparse", "fused"])
+def test_num_items_in_batch_is_checked(family):
+    """A tensor num_items_in_batch must hold one positive finite number (it used to broadcast a
+    [2] tensor into a [2] "loss", and 0, negatives and NaN gave inf / negative / NaN losses)."""
+    call = _losses()[family]
+    ref = call(reduction="sum")
+    for good in (4, 4.0, torch.tensor(4), torch.tensor([4.0]), torch.tensor([[4]])):
+        out = call(num_items_in_batch=good)
+        assert out.shape == () and torch.allclose(out, ref / 4)
+    for bad in (torch.tensor([2, 3]), torch.tensor(0), torch.tensor(-2.0), torch.tensor(float("nan")),
+                torch.tensor(True), 0, -1, float("nan"), float("inf"), True, "4"):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            call(num_items_in_batch=bad)
+
+
+@pytest.mark.parametrize("family", ["kd", "sparse", "fused"])
+def test_bools_are_not_numbers_and_flags_are_bools(family):
+    call = _losses()[family]
+    for kw in (dict(temperature=True), dict(beta=True), dict(skew=False), dict(hard_label_weight=True),
+               dict(soft_label_weight=True)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            call(**kw)
+    with pytest.raises(TypeError, match="scale_temperature"):
+        call(scale_temperature="no")
+    with pytest.raises(ValueError, match="ignore_index"):
+        call(ignore_index=2 ** 70)
+
+
+def test_kd_flags_and_empty_vocabulary():
+    s, t = S(4, 7), S(4, 7)
+    with pytest.raises(TypeError, match="inplace"):
+        fastkd.kd_loss(s, t, inplace="yes")
+    with pytest.raises(TypeError, match="validate"):
+        fastkd.sparse_kd_loss(s, torch.zeros(4, 1, dtype=torch.long), S(4, 1), validate=1)
+    for backend in ("torch", "cpp"):
+        with pytest.raises(ValueError, match="empty vocabulary"):
+            fastkd.kd_loss(S(4, 0), S(4, 0), backend=backend)
+        with pytest.raises(ValueError, match="empty vocabulary"):
+            fastkd.sparse_kd_loss(S(4, 0), torch.zeros(4, 1, dtype=torch.long), S(4, 1), backend=backend)
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        fastkd.fused_linear_kd_loss(S(4, 3), S(0, 3), S(4, 2), S(0, 2))
+
+
+def test_inplace_refuses_rows_sharing_memory():
+    """inplace=True on an expand()ed student would write every row's gradient over the same
+    memory (triton returned a wrong loss and gradient; torch and cpp raised from inside)."""
+    row = S(1, 10).requires_grad_()
+    with pytest.raises(ValueError, match="inplace"):
+        fastkd.kd_loss(row.expand(4, 10), S(4, 10), inplace=True)
+    out = fastkd.kd_loss(row.expand(4, 10), S(4, 10))  # without inplace it is fine
+    out.backward()
+    assert torch.isfinite(row.grad).all()
+
+
+@pytest.mark.parametrize("family", ["kd", "sparse", "fused", "rkd_distance", "attention_map"])
+def test_double_backward_is_refused(family):
+    """The gradient is computed in the forward, so it has no graph: create_graph=True used to
+    give silently zero second derivatives."""
+    x = S(3, 5, dtype=torch.float64).requires_grad_()
+    y = S(3, 5, dtype=torch.float64)
+    calls = {
+        "kd": lambda: fastkd.kd_loss(x, y),
+        "sparse": lambda: fastkd.sparse_kd_loss(x, torch.topk(y, 2).indices, torch.topk(y, 2).values),
+        "fused": lambda: fastkd.fused_linear_kd_loss(x, y, x.detach(), y),
+        "rkd_distance": lambda: fastkd.rkd_distance_loss(x, y),
+        "attention_map": lambda: fastkd.attention_map_loss(x.view(1, 1, 3, 5)[..., :3],
+                                                           y.view(1, 1, 3, 5)[..., :3].softmax(-1),
+                                                           inputs="scores"),
+    }
+    (g,) = torch.autograd.grad(calls[family](), x)  # a plain backward works
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(calls[family](), x, create_graph=True)
+
+
+@pytest.mark.parametrize("family,reduction", [("kd", "batchmean"), ("kd", "sum"), ("sparse", "batchmean"),
+                                               ("sparse", "sum"), ("rkd_distance", None)])
+def test_float64_gradients_keep_float64_precision(family, reduction):
+    """grad_output and 1/denominator scale float64 gradients in float64 (they were rounded to
+    float32 first: 1e-8 relative errors where gradcheck-grade inputs expect 1e-16)."""
+    x = S(7, 13, dtype=torch.float64).requires_grad_()
+    y = S(7, 13, dtype=torch.float64)
+    kw = {} if reduction is None else dict(reduction=reduction)
+    call = {
+        "kd": lambda: fastkd.kd_loss(x, y, backend="cpp", **kw),
+        "sparse": lambda: fastkd.sparse_kd_loss(x, torch.topk(y, 4).indices, torch.topk(y, 4).values,
+                                                backend="cpp", **kw),
+        "rkd_distance": lambda: fastkd.rkd_distance_loss(x, y, backend="cpp"),
+    }[family]
+    (g1,) = torch.autograd.grad(call(), x)
+    gout = torch.tensor(0.1, dtype=torch.float64)  # not a float32 number
+    (g2,) = torch.autograd.grad(call(), x, gout)
+    err = ((g2 - 0.1 * g1).abs().max() / g1.abs().max()).item()
+    assert err < 1e-14, err
