@@ -96,10 +96,17 @@ def lacks_kernel(backend: str, family: str) -> bool:
     return False
 
 
+def check_name(backend) -> None:
+    """A ValueError unless ``backend`` is None or one of BACKENDS."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
 def reason(backend: str, family: str, device_type: str) -> Optional[str]:
     """None when ``backend`` can run ``family`` on ``device_type`` tensors, else why not."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is None:
+        raise ValueError(f"backend must be one of {BACKENDS}, got None")
+    check_name(backend)
     if backend == "torch":
         return None
     if backend == "triton":

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from . import _backend
 from . import functional as F
 
 
@@ -22,6 +23,7 @@ class KDLoss(torch.nn.Module):
                  reduction: str = "batchmean", inplace: bool = False,
                  backend: Optional[str] = None, process_group=None):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.process_group = process_group  # vocab-parallel logits (fastkd.distributed)
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                            ignore_index=ignore_index, hard_label_weight=hard_label_weight,
@@ -58,6 +60,7 @@ class SparseKDLoss(torch.nn.Module):
                  reduction: str = "batchmean", validate: bool = True,
                  backend: Optional[str] = None, process_group=None):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.process_group = process_group
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                            tail=tail, ignore_index=ignore_index,
@@ -96,6 +99,7 @@ class FusedLinearKDLoss(torch.nn.Module):
                  chunk_size: Optional[int] = None, backend: Optional[str] = None,
                  process_group=None, fp32_grad_accumulation: bool = True):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.process_group = process_group
         if not isinstance(fp32_grad_accumulation, bool):
             raise TypeError(f"fp32_grad_accumulation must be a bool, got {fp32_grad_accumulation!r}")
@@ -136,6 +140,7 @@ class RKDDistanceLoss(torch.nn.Module):
     def __init__(self, eps: float = 1e-12, huber_delta: float = 1.0,
                  backend: Optional[str] = None, process_group=None):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.kwargs = dict(eps=F._check_eps(eps), huber_delta=F._check_huber_delta(huber_delta),
                            backend=backend, process_group=process_group)
 
@@ -152,6 +157,7 @@ class RKDAngleLoss(torch.nn.Module):
     def __init__(self, huber_delta: float = 1.0, backend: Optional[str] = None,
                  process_group=None):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.kwargs = dict(huber_delta=F._check_huber_delta(huber_delta), backend=backend,
                            process_group=process_group)
 
@@ -172,6 +178,7 @@ class RKDLoss(torch.nn.Module):
                  eps: float = 1e-12, huber_delta: float = 1.0, backend: Optional[str] = None,
                  process_group=None):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.kwargs = dict(distance_weight=F._check_weight("distance_weight", distance_weight),
                            angle_weight=F._check_weight("angle_weight", angle_weight),
                            eps=F._check_eps(eps), huber_delta=F._check_huber_delta(huber_delta),
@@ -189,6 +196,7 @@ class SimilarityPreservingLoss(torch.nn.Module):
 
     def __init__(self, backend: Optional[str] = None, process_group=None):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.backend = backend
         self.process_group = process_group
 
@@ -236,6 +244,7 @@ class AttentionTransferLoss(torch.nn.Module):
 
     def __init__(self, p: float = 2, reduction: str = "mean", backend: Optional[str] = None):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.kwargs = dict(p=p, reduction=reduction, backend=backend)
         probe = torch.zeros(1, 1, 1, 1)
         F.attention_transfer_loss(probe, probe, **{**self.kwargs, "backend": "torch"})
@@ -257,6 +266,7 @@ class AttentionMapLoss(torch.nn.Module):
     def __init__(self, kind: str = "kl", inputs: str = "probs", head_map=None,
                  reduction: str = "batchmean", backend: Optional[str] = None):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.kwargs = dict(kind=kind, inputs=inputs, head_map=head_map, reduction=reduction,
                            backend=backend)
         if head_map is None:
@@ -284,6 +294,7 @@ class AttentionRelationLoss(torch.nn.Module):
     def __init__(self, num_relation_heads: int, relations=(("q", "q"), ("k", "k"), ("v", "v")),
                  backend: Optional[str] = None):
         super().__init__()
+        _backend.check_name(backend)  # a typo fails here, not at the first batch
         self.kwargs = dict(num_relation_heads=num_relation_heads,
                            relations=tuple(tuple(r) if isinstance(r, list) else r
                                            for r in relations)

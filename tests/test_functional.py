@@ -115,3 +115,16 @@ def test_float64_gradients_keep_float64_precision(family, reduction):
     (g2,) = torch.autograd.grad(call(), x, gout)
     err = ((g2 - 0.1 * g1).abs().max() / g1.abs().max()).item()
     assert err < 1e-14, err
+
+
+def test_modules_check_the_backend_name_at_construction():
+    """A misspelt backend fails when the module is built, not at its first batch (the modules'
+    construction probe runs the torch backend, so the name itself was never looked at)."""
+    modules = [fastkd.KDLoss, fastkd.SparseKDLoss, fastkd.FusedLinearKDLoss, fastkd.RKDLoss,
+               fastkd.RKDDistanceLoss, fastkd.RKDAngleLoss, fastkd.SimilarityPreservingLoss,
+               fastkd.AttentionTransferLoss, fastkd.AttentionMapLoss,
+               lambda backend: fastkd.AttentionRelationLoss(num_relation_heads=2, backend=backend)]
+    for make in modules:
+        with pytest.raises(ValueError, match="backend must be one of"):
+            make(backend="Triton")
+        make(backend="torch")
