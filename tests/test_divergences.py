@@ -355,6 +355,44 @@ def test_ignored_rows_never_nan(backend):
         assert (x.grad[[0, 2, 5]] == 0).all(), div
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # triton interpreter
+@pytest.mark.parametrize("opts", [dict(), dict(temperature=2.0, softcap=20.0, teacher_grad=True)],
+                         ids=["plain", "T2-cap-tgrad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("hard", [0.0, 0.5], ids=["soft", "hard"])
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logit_makes_its_row_nan(backend, side, hard, dtype, opts):
+    """A NaN logit in a counted row makes that row's loss and gradients NaN, as torch's kl_div
+    does (an fp16 teacher that overflowed must not go unnoticed), on every divergence; the other
+    rows are bitwise what they are without it, and an ignored row holding NaN still gives 0."""
+    device = skip_unless_available(backend)
+    opts = dict(opts)
+    teacher_grad = opts.pop("teacher_grad", False)
+    s, t, _ = make_inputs((6, 37), dtype, device, "none", seed=29)
+    labels = torch.tensor([3, 5, -100, 7, 1, 11], device=device)
+    nan_s, nan_t = s.clone(), t.clone()
+    x = nan_t if side == "teacher" else nan_s
+    x[1, 4] = float("nan")
+    x[2, 9] = float("nan")  # ignored row
+    x[3, ::2] = float("-inf")
+    x[3, 5] = float("nan")  # NaN beats -inf entries (and the inf losses they may give)
+    x[5, 11] = float("nan")  # at the label
+    bad, good = [1, 3, 5], [0, 4]
+    for div in DIVS:
+        kw = dict(divergence=div, hard_label_weight=hard, reduction="none", **opts)
+        out, gs, gt = _forward_backward(nan_s, nan_t, labels, backend, teacher_grad, 1.0, **kw)
+        assert out[bad].isnan().all(), (div, out)
+        assert gs[bad].isnan().all(), div
+        assert out[2] == 0 and (gs[2] == 0).all(), div
+        clean, cgs, cgt = _forward_backward(s, t, labels, backend, teacher_grad, 1.0, **kw)
+        assert torch.isfinite(clean[good]).all()
+        assert torch.equal(out[good], clean[good]) and torch.equal(gs[good], cgs[good]), div
+        if teacher_grad:
+            assert gt[bad].isnan().all() and (gt[2] == 0).all(), div
+            assert torch.equal(gt[good], cgt[good]), div
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_labels_only_mask_rows_without_the_hard_loss(backend):
     """With hard_label_weight=0 labels only say which rows count: a value outside [0, V) that is

@@ -155,6 +155,39 @@ def test_ignored_rows_never_read(device, div):
     assert bool(loss.isfinite().all()) and bool(gs.isfinite().all()) and bool(gt.isfinite().all())
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
+                                    (torch.float64, torch.float32)], ids=dtype_id)
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_logit_makes_its_row_nan(device, div, dtypes):
+    """A NaN in a counted row's student or teacher: that row's loss and gradients NaN, with every
+    gradient subset (the passes differ) and the options on; the other rows bitwise as without it;
+    ignored rows (holding NaN) still 0."""
+    dev = on_device(device)
+    s, t = make(2, 4, 203, *dtypes, seed=41, device=dev)
+    labels = torch.tensor([[3, IGNORE, 7, 0], [202, 5, 9, 1]], device=dev)
+    ns, nt = s.clone(), t.clone()
+    ns[0, 0, 5] = ns[0, 1, 6] = float("nan")  # a counted row and an ignored one
+    nt[1, 1, 200] = float("nan")
+    nt[1, 2, ::2] = float("-inf")
+    nt[1, 2, 11] = float("nan")
+    ns[1, 0, 202] = float("nan")  # at the label
+    bad = torch.zeros(2, 4, dtype=torch.bool, device=dev)
+    bad[0, 0] = bad[1, 1] = bad[1, 2] = bad[1, 0] = True
+    good = ~bad
+    good[0, 1] = False
+    cfg = _cfg(divergence=div[1], temperature=1.5, hard_weight=0.5, softcap=30.0 if div[1] % 2 else 0.0)
+    for grads in ((True, True), (True, False), (False, True)):
+        got = run_native(ns, nt, labels, cfg, *grads)
+        want = run_native(s, t, labels, cfg, *grads)
+        assert bool(got[0][bad].isnan().all()) and got[0][0, 1] == 0, grads
+        assert torch.equal(got[0][good], want[0][good]), grads
+        for g, w in zip(got[1:], want[1:]):
+            if g is not None:
+                assert bool(g[bad].isnan().all()) and bool((g[0, 1] == 0).all()), grads
+                assert torch.equal(g[good], w[good]), grads
+
+
 @pytest.mark.parametrize("div", [d for d in DIVS if d[0] in ("forward_kl", "jsd", "reverse_kl")],
                          ids=lambda d: d[0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

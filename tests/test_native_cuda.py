@@ -119,6 +119,30 @@ def test_kd_loss_uses_it_end_to_end():
     torch.testing.assert_close(x.grad.float(), y.grad.float(), rtol=2e-2, atol=1e-3 * y.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("V,dtype", [(128256, torch.bfloat16), (1_000_003, torch.float32)],
+                         ids=["128256-bf16-cluster", "1000003-fp32-global"])
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d[0])
+def test_nan_logit_in_one_slice_makes_the_row_nan(div, V, dtype):
+    """A NaN in one CTA's slice of a split row reaches every CTA of the row through the cluster
+    reduction: the whole row's loss and gradients are NaN; other rows as without it."""
+    s, t = make(1, 4, V, dtype, seed=43)
+    labels = torch.tensor([[5, IGNORE, V - 1, 0]], device=DEV)
+    ns, nt = s.clone(), t.clone()
+    ns[0, 0, V - 3] = float("nan")  # last slice
+    nt[0, 1, V // 2] = float("nan")  # ignored row
+    nt[0, 2, V // 3] = float("nan")
+    cfg = _cfg(divergence=div[1], temperature=2.0, hard_weight=0.5)
+    for grads in ((True, False), (True, True)):
+        got = run_cuda(ns, nt, labels, cfg, *grads)
+        want = run_cuda(s, t, labels, cfg, *grads)
+        assert bool(got[0][0, [0, 2]].isnan().all()) and got[0][0, 1] == 0
+        assert torch.equal(got[0][0, 3], want[0][0, 3])
+        for g, w in zip(got[1:], want[1:]):
+            if g is not None:
+                assert bool(g[0, [0, 2]].isnan().all()) and bool((g[0, 1] == 0).all())
+                assert torch.equal(g[0, 3], w[0, 3])
+
+
 # every divergence x option combination of the grid above, once more on a cluster-sized row
 @pytest.mark.parametrize("div,softcap,hard", list(itertools.product([d[1] for d in DIVS], [0.0, 30.0], [0.0, 0.5])))
 def test_cluster_rows_all_options(div, softcap, hard):

@@ -251,6 +251,36 @@ def test_ignored_rows_with_nonfinite_logits(code):
     assert loss[ok].isfinite().all() and gs[ok].isfinite().all() and gt[ok].isfinite().all()
 
 
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("code", CODES, ids=DIV_IDS)
+def test_nan_logit_makes_its_row_nan(monkeypatch, code, side):
+    """A NaN in a counted row: that row's loss and both gradients NaN, whichever chunk and lane it
+    is in (tl.maximum's default drops NaN: a NaN as a lane's first entry would vanish as -inf), and
+    with every gradient subset (forward_kl without a teacher gradient sums D in the last pass);
+    other rows bitwise as without it; ignored rows still 0."""
+    monkeypatch.setattr(tri, "MAX_BLOCK_INTERPRET", 64)  # 5 chunks of 64
+    monkeypatch.setattr(tri, "MAX_BLOCK_GPU", 64)
+    s, t, _ = make_inputs(1, 5, 300, seed=8)
+    lab = torch.tensor([[4, 9, IGNORE, 2, 299]], device=DEVICE)
+    ns, nt = s.clone(), t.clone()
+    x = ns if side == "student" else nt
+    x[0, 1, 3] = float("nan")  # first chunk: the lane's first entry
+    x[0, 3, 250] = float("nan")  # last chunk, after a finite max
+    x[0, 2, 7] = float("nan")  # ignored row
+    bad, good = [1, 3], [0, 4]
+    # forward_kl: each gradient subset (its passes differ); the others: both gradients
+    for grads in ((True, True), (True, False), (False, True))[:3 if code == 0 else 1]:
+        kw = dict(grads=grads, softcap=20.0 if code % 2 else 0.0)
+        got = run_triton(ns, nt, lab, code, **kw)
+        want = run_triton(s, t, lab, code, **kw)
+        assert got[0][0, bad].isnan().all() and got[0][0, 2] == 0
+        assert torch.equal(got[0][0, good], want[0][0, good])
+        for g, w in zip(got[1:], want[1:]):
+            if g is not None:
+                assert g[0, bad].isnan().all() and (g[0, 2] == 0).all(), grads
+                assert torch.equal(g[0, good], w[0, good]), grads
+
+
 @pytest.mark.parametrize("code", CODES, ids=DIV_IDS)
 def test_deterministic(code):
     s, t, lab = make_inputs(2, 3, 700, torch.bfloat16, seed=7)

@@ -31,6 +31,9 @@ Each divergence D(p, q) has per-entry gradients h_j = dD/dlq_j and k_j = dD/dlp_
     tvd               0.5 sum |p - q|             0.5 q_j sign(q_j - p_j)          0.5 p_j sign(p_j - q_j)
 
 with 0 * log 0 = 0 (an entry whose probability is 0 adds nothing, and x/r with r = 0 is 0).
+NaN propagates: a NaN logit in a counted row makes that row's loss and gradients NaN (as in
+torch's kl_div), so these zero masks test ``== 0`` and let anything else through, NaN included,
+and sign(NaN) is NaN.
 jsd with beta == 0 or 1 never reaches a kernel: ``fastkd.functional`` maps it to forward_kl
 or reverse_kl (TRL's convention; the mixture formula degenerates to 0 there).
 
@@ -43,7 +46,8 @@ or reverse_kl (TRL's convention; the mixture formula degenerates to 0 there).
     d loss / d t_j = cap'(t_j) *  soft_weight * scale / T * dD/db_j
     cap'(z) = 1 - tanh(z/c)**2   (1 without softcap)
 
-Rows whose label equals ``ignore_index`` get loss 0 and gradient 0 whatever their logits hold.
+Rows whose label equals ``ignore_index`` get loss 0 and gradient 0 whatever their logits hold
+(NaN included); a NaN logit in any other row makes its loss and gradients NaN.
 All arithmetic is float32 whatever the input dtype (float64 when an input is float64, for
 gradcheck); gradients are stored in the buffers' dtype.
 """
@@ -63,12 +67,19 @@ DIVERGENCES = {
 
 
 def _xlogy_ratio(x, lx, ly):
-    """x * (lx - ly) with 0 where x == 0 (0 * log 0 = 0, whatever ly is)."""
-    return torch.where(x > 0, x * (lx - ly), torch.zeros_like(x))
+    """x * (lx - ly) with 0 where x == 0 (0 * log 0 = 0, whatever ly is); NaN x stays NaN."""
+    return torch.where(x == 0, torch.zeros_like(x), x * (lx - ly))
 
 
 def _safe_div(x, y):
-    return torch.where(y > 0, x / torch.where(y > 0, y, torch.ones_like(y)), torch.zeros_like(x))
+    """x / y with 0 where y == 0; NaN y stays NaN."""
+    zero = y == 0
+    return torch.where(zero, torch.zeros_like(x), x / torch.where(zero, torch.ones_like(y), y))
+
+
+def _sign(d):
+    """sign(d), NaN where d is NaN (torch.sign gives 0 there, which would hide it)."""
+    return torch.where(torch.isnan(d), d, torch.sign(d))
 
 
 def _log_mix(w1, l1, w2, l2):
@@ -109,9 +120,10 @@ def divergence_terms(code: int, p, lp, q, lq, beta: float, skew: float):
         k = -(1.0 - skew) * _safe_div(q * p, r)
     elif code == 5:  # tvd
         d = q - p
+        sg = _sign(d)
         ell = 0.5 * d.abs()
-        h = 0.5 * q * torch.sign(d)
-        k = -0.5 * p * torch.sign(d)
+        h = 0.5 * q * sg
+        k = -0.5 * p * sg
     else:
         raise ValueError(f"unknown divergence code {code}")
     return ell, h, k

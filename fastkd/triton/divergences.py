@@ -16,6 +16,11 @@ A row is re-read from L2 if it is still there (at V = 128256 in bf16 the two row
 row in flight per SM): passes alternate direction so that a re-read starts with the chunks read
 last, earlier passes load with evict_last, the last pass and the gradient stores with evict_first.
 
+NaN: a NaN logit makes its lane's running max NaN (a NaN-propagating maximum), hence the lane's
+sum, the row's log-sum-exp and every probability of that side of the row; the zero masks test
+``== 0`` (not ``> 0``) so that nothing masks it out again: the row's loss and gradients are NaN,
+at no extra cost.
+
 All arithmetic is float32, float64 inputs included (the float64 path of the contract is for
 gradcheck of the reference and cpp; here a float64 ``loss`` buffer is accepted and filled from
 float32 math); gradients are stored in the buffers' dtype. No atomics, no host syncs, a fixed
@@ -77,9 +82,11 @@ def _online_lse(m, z, x):
     """Add x to per-lane running (max m, sum z of exp(. - m)) with one exp instead of two.
 
     Returns the new m and z, the factor alpha that rescaled the old sum and the weight w of x
-    (exp(x - new max)): one of them is 1. While everything is -inf, z stays 0, never NaN.
+    (exp(x - new max)): one of them is 1. While everything is -inf, z stays 0, never NaN. A NaN
+    x makes m and z NaN for good (tl.maximum's default drops NaN, and a NaN first entry of a lane
+    would then vanish as if it were -inf).
     """
-    m_new = tl.maximum(m, x)
+    m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
     e = tl.exp(-tl.abs(x - m))
     e = tl.where(m_new == NEG_INF, 0.0, e)
     up = x > m
@@ -90,8 +97,8 @@ def _online_lse(m, z, x):
 
 @triton.jit
 def _logaddexp(x, y):
-    mx = tl.maximum(x, y)
-    mn = tl.minimum(x, y)
+    mx = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+    mn = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
     # both -inf: -inf, not NaN
     return mx + tl.log(1.0 + tl.exp(mn - tl.where(mx == NEG_INF, 0.0, mx)))
 
@@ -102,44 +109,45 @@ def _terms(a, b, lse_a, lse_b, w_p, w_q, log_wp, log_wq, DIV: tl.constexpr):
     """q, p and the per-entry loss ell and gradients h = dD/dlq, k = dD/dlp (contract table).
 
     The mixture divergences use r = w_p p + w_q q through rho_p = w_p p / r and
-    rho_q = w_q q / r, both in [0, 1], so no ratio can overflow (x/r with r = 0 is 0).
+    rho_q = w_q q / r, both in [0, 1], so no ratio can overflow (x/r with r = 0 is 0). Masks
+    test == 0 / == -inf so that NaN passes through.
     """
     lq = a - lse_a
     lp = b - lse_b
     q = tl.exp(lq)
     p = tl.exp(lp)
     if DIV == 0:  # forward_kl
-        ell = tl.where(p > 0, p * (lp - lq), 0.0)
+        ell = tl.where(p == 0, 0.0, p * (lp - lq))
         h = -p
         k = ell + p
     elif DIV == 1:  # reverse_kl
-        ell = tl.where(q > 0, q * (lq - lp), 0.0)
+        ell = tl.where(q == 0, 0.0, q * (lq - lp))
         h = ell + q
         k = -q
     elif DIV == 5:  # tvd
         d = q - p
-        sg = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        sg = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d - d))  # d - d: 0, or NaN for NaN d
         ell = 0.5 * tl.abs(d)
         h = 0.5 * q * sg
         k = -0.5 * p * sg
     else:
         lr = _logaddexp(lp + log_wp, lq + log_wq)
-        lr_ok = lr > NEG_INF
-        lr_safe = tl.where(lr_ok, lr, 0.0)
+        lr_dead = lr == NEG_INF
+        lr_safe = tl.where(lr_dead, 0.0, lr)
         if DIV == 2:  # jsd: w_p = beta, w_q = 1 - beta, r = m
-            tp = tl.where(p > 0, p * (lp - lr), 0.0)
-            tq = tl.where(q > 0, q * (lq - lr), 0.0)
+            tp = tl.where(p == 0, 0.0, p * (lp - lr))
+            tq = tl.where(q == 0, 0.0, q * (lq - lr))
             ell = w_p * tp + w_q * tq
             h = w_q * tq
             k = w_p * tp
         elif DIV == 3:  # skew_forward_kl: KL(p || r), w_p = skew
-            ell = tl.where(p > 0, p * (lp - lr), 0.0)
-            rho_q = tl.where(lr_ok, tl.exp(log_wq + lq - lr_safe), 0.0)
+            ell = tl.where(p == 0, 0.0, p * (lp - lr))
+            rho_q = tl.where(lr_dead, 0.0, tl.exp(log_wq + lq - lr_safe))
             h = -p * rho_q
             k = ell + p * rho_q
         else:  # DIV == 4, skew_reverse_kl: KL(q || r), w_q = skew
-            ell = tl.where(q > 0, q * (lq - lr), 0.0)
-            rho_p = tl.where(lr_ok, tl.exp(log_wp + lp - lr_safe), 0.0)
+            ell = tl.where(q == 0, 0.0, q * (lq - lr))
+            rho_p = tl.where(lr_dead, 0.0, tl.exp(log_wp + lp - lr_safe))
             h = ell + q * rho_p
             k = -q * rho_p
     return q, p, ell, h, k
@@ -203,7 +211,7 @@ def _kd_fwd_kernel(
         if USE_HARD and not UNIT_T:
             m1, z1, _, _ = _online_lse(m1, z1, sc)
 
-    # combine the lanes
+    # combine the lanes (tl.max may drop a NaN lane max; that lane's z is NaN, so the sum is)
     row_ma = tl.max(ma, 0)
     row_mb = tl.max(mb, 0)
     sha = tl.where(row_ma == NEG_INF, 0.0, row_ma)

@@ -18,6 +18,10 @@
 //
 // float64 inputs (either side; for gradcheck and debugging) take a separate scalar float64 path,
 // kd_row_f64 below: the reference's formulas entry by entry, not tuned for speed.
+//
+// NaN: a NaN logit makes its row's maximum NaN (load_row's max propagates it), hence every
+// exponential, sum and probability of that side of the row; the zero masks test == 0 (not > 0)
+// so that NaN is never masked out, and the row's loss and gradients come out NaN, at no cost.
 
 #include "vec_math.h"  // first: it selects the vector ISA (CPU_CAPABILITY) for the ATen headers
 #include "../kd_checks.h"
@@ -94,8 +98,8 @@ void pass_b(const Scratch& w, const Params& P, RowStats& st, Prefetch& pf) {
     Sa.add(ea);
     Sb.add(eb);
     if constexpr (DIV == kForwardKL || DIV == kReverseKL) {
-      const Vec l = DIV == kForwardKL ? Vec::blendv(zero, eb * (db - da), eb > zero)
-                                      : Vec::blendv(zero, ea * (da - db), ea > zero);
+      const Vec l = DIV == kForwardKL ? Vec::blendv(eb * (db - da), zero, eb == zero)
+                                      : Vec::blendv(ea * (da - db), zero, ea == zero);
       if constexpr (EXACT_M) Ld.add(l); else Lf.add(l);
     }
     if (sep1) {
@@ -173,7 +177,7 @@ void pass_d(const Scratch& w, const Params& P, const RowStats& st, int64_t label
           g = vC * (q - p);
         } else if constexpr (DIV == kReverseKL) {  // = q (lq - lp - D) = q ((a - b) - E_q[a - b])
           const Vec d = (Vec::loadu(w.xs + j) - vms) * vinvT - (Vec::loadu(w.xt + j) - vmt) * vinvT;
-          g = vC * Vec::blendv(zero, q * ((d - M.hi) - M.lo), q > zero);
+          g = vC * Vec::blendv(q * ((d - M.hi) - M.lo), zero, q == zero);
         } else {  // h from pass C
           g = vC * fma1(q, nSh.lo, fma1(q, nSh.hi, Vec::loadu(w.xs + j)));
         }
@@ -190,7 +194,7 @@ void pass_d(const Scratch& w, const Params& P, const RowStats& st, int64_t label
         Vec g;
         if constexpr (DIV == kForwardKL) {  // k - p sum(k) = p (lp - lq - D) = p ((b - a) - E_p[b - a])
           const Vec d = (Vec::loadu(w.xt + j) - vmt) * vinvT - (Vec::loadu(w.xs + j) - vms) * vinvT;
-          g = vC * Vec::blendv(zero, p * ((d - M.hi) - M.lo), p > zero);
+          g = vC * Vec::blendv(p * ((d - M.hi) - M.lo), zero, p == zero);
         } else if constexpr (DIV == kReverseKL) {  // k - p sum(k) = p - q
           g = vC * (p - q);
         } else {  // k from pass C
@@ -307,7 +311,10 @@ struct JobF64 {
 // max(x) + log(sum exp(x - max(x))) over n entries (NaN if one is NaN).
 inline double lse_f64(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(x[j])) return x[j];  // std::max would drop it (and lose it among -inf entries)
+    m = std::max(m, x[j]);
+  }
   if (m == -std::numeric_limits<double>::infinity()) return m;
   double s = 0;
   for (int64_t j = 0; j < n; ++j) s += std::exp(x[j] - m);

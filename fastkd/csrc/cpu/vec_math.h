@@ -212,7 +212,8 @@ inline StoreFn pick_store(at::ScalarType t, bool stream) {
 
 // ---------------------------------------------------------------------------------------------
 // The divergence table: per-entry loss term ell and the gradients h = dD/dlq, k = dD/dlp.
-// Entries with probability 0 contribute 0 (0 * log 0 = 0) and x / r with r = 0 is 0.
+// Entries with probability 0 contribute 0 (0 * log 0 = 0) and x / r with r = 0 is 0. The masks
+// test == 0, not > 0, so that a NaN probability stays NaN (a NaN logit makes its row NaN).
 // (kd_fwd closes forward_kl and reverse_kl rows in closed form instead; sparse_kd_fwd uses all six.)
 enum Div { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kSkewForwardKL = 3, kSkewReverseKL = 4, kTVD = 5 };
 
@@ -266,38 +267,38 @@ inline void terms(const Vec& q, const Vec& p, const Vec& lq, const Vec& lp, cons
                   Vec& h, Vec& k) {
   const Vec zero(0.f);
   if constexpr (DIV == kForwardKL) {
-    ell = Vec::blendv(zero, p * (lp - lq), p > zero);
+    ell = Vec::blendv(p * (lp - lq), zero, p == zero);
     h = zero - p;
     k = ell + p;
   } else if constexpr (DIV == kReverseKL) {
-    ell = Vec::blendv(zero, q * (lq - lp), q > zero);
+    ell = Vec::blendv(q * (lq - lp), zero, q == zero);
     h = ell + q;
     k = zero - q;
   } else if constexpr (DIV == kJSD) {
     const Vec lm = log_mix(at::vec::fmadd(cf.beta, p, cf.omb * q));
-    const Vec tp = Vec::blendv(zero, p * (lp - lm), p > zero);
-    const Vec tq = Vec::blendv(zero, q * (lq - lm), q > zero);
+    const Vec tp = Vec::blendv(p * (lp - lm), zero, p == zero);
+    const Vec tq = Vec::blendv(q * (lq - lm), zero, q == zero);
     h = cf.omb * tq;
     k = cf.beta * tp;
     ell = h + k;
   } else if constexpr (DIV == kSkewForwardKL) {  // KL(p || r), r = skew p + (1-skew) q
     const Vec r = at::vec::fmadd(cf.skew, p, cf.oms * q);
-    const Vec pr = Vec::blendv(zero, p / r, r > zero);
+    const Vec pr = Vec::blendv(p / r, zero, r == zero);
     const Vec lr = cf.mix == 0 ? log_mix(r) : cf.mix == 1 ? lp : lq;
-    ell = Vec::blendv(zero, p * (lp - lr), p > zero);
+    ell = Vec::blendv(p * (lp - lr), zero, p == zero);
     h = zero - cf.oms * (q * pr);
     k = ell + p - cf.skew * (p * pr);
   } else if constexpr (DIV == kSkewReverseKL) {  // KL(q || r), r = (1-skew) p + skew q
     const Vec r = at::vec::fmadd(cf.oms, p, cf.skew * q);
-    const Vec qr = Vec::blendv(zero, q / r, r > zero);
+    const Vec qr = Vec::blendv(q / r, zero, r == zero);
     const Vec lr = cf.mix == 0 ? log_mix(r) : cf.mix == 1 ? lp : lq;
-    ell = Vec::blendv(zero, q * (lq - lr), q > zero);
+    ell = Vec::blendv(q * (lq - lr), zero, q == zero);
     h = ell + q - cf.skew * (q * qr);
     k = zero - cf.oms * (p * qr);
   } else {  // tvd
     const Vec half(0.5f);
     const Vec d = q - p;
-    const Vec sg = d.gt(zero) - d.lt(zero);
+    const Vec sg = (d.gt(zero) - d.lt(zero)) + (d - d);  // + (d - d): NaN where d is NaN
     ell = half * d.abs();
     h = half * q * sg;
     k = zero - half * p * sg;
@@ -458,8 +459,9 @@ inline double log_mix_f64(double w1, double l1, double w2, double l2) {
 // The divergence table for one entry (see terms), divergence code div.
 inline void terms_f64(int64_t div, double q, double p, double lq, double lp, double beta, double skew, double& ell,
                       double& h, double& k) {
-  auto xlogy = [](double x, double lx, double ly) { return x > 0 ? x * (lx - ly) : 0.0; };
-  auto sdiv = [](double x, double y) { return y > 0 ? x / y : 0.0; };
+  // == 0 tests, as in terms: NaN stays NaN
+  auto xlogy = [](double x, double lx, double ly) { return x == 0 ? 0.0 : x * (lx - ly); };
+  auto sdiv = [](double x, double y) { return y == 0 ? 0.0 : x / y; };
   switch (div) {
     case kForwardKL: ell = xlogy(p, lp, lq); h = -p; k = ell + p; break;
     case kReverseKL: ell = xlogy(q, lq, lp); h = ell + q; k = -q; break;
@@ -480,7 +482,7 @@ inline void terms_f64(int64_t div, double q, double p, double lq, double lp, dou
       break;
     }
     default: {
-      const double d = q - p, sg = (d > 0) - (d < 0);
+      const double d = q - p, sg = std::isnan(d) ? d : (d > 0) - (d < 0);
       ell = 0.5 * std::abs(d); h = 0.5 * q * sg; k = -0.5 * p * sg;
     }
   }

@@ -101,7 +101,9 @@ __device__ __forceinline__ A logaddexp(A x, A y) {
 
 // q, p and the per-entry loss ell and gradients h = dD/dlq, k = dD/dlp of the contract's table.
 // a, b are shifted by their row maxima and lsa, lsb are the logs of the shifted sums, so that
-// log q = (a - max a) - lsa: an exact subtraction, then a small one.
+// log q = (a - max a) - lsa: an exact subtraction, then a small one. A NaN logit makes its row's
+// sum-exp NaN (lse_add), hence every q or p of the row; the masks test == 0 / == -inf (not > 0)
+// so that NaN passes through them and the row's loss and gradients come out NaN.
 template <int DIV, typename A>
 __device__ __forceinline__ void terms(A a, A b, A lsa, A lsb, const Coefs<A>& c, A& q, A& p, A& ell, A& h,
                                       A& k) {
@@ -109,38 +111,38 @@ __device__ __forceinline__ void terms(A a, A b, A lsa, A lsb, const Coefs<A>& c,
   q = d_exp(lq);
   p = d_exp(lp);
   if constexpr (DIV == kForwardKL) {
-    ell = p > A(0) ? p * (lp - lq) : A(0);
+    ell = p == A(0) ? A(0) : p * (lp - lq);
     h = -p;
     k = ell + p;
   } else if constexpr (DIV == kReverseKL) {
-    ell = q > A(0) ? q * (lq - lp) : A(0);
+    ell = q == A(0) ? A(0) : q * (lq - lp);
     h = ell + q;
     k = -q;
   } else if constexpr (DIV == kTVD) {
     const A d = q - p;
-    const A sg = d > A(0) ? A(1) : (d < A(0) ? A(-1) : A(0));
+    const A sg = d > A(0) ? A(1) : (d < A(0) ? A(-1) : d - d);  // d - d: 0, or NaN for NaN d
     ell = A(0.5) * d_abs(d);
     h = A(0.5) * q * sg;
     k = A(-0.5) * p * sg;
   } else {
     // rho_x = w_x x / r lies in [0, 1], so no ratio overflows; x / r with r = 0 is 0
     const A lr = logaddexp(lp + c.log_wp, lq + c.log_wq);
-    const bool lr_ok = lr > ninf<A>();
-    const A lr_safe = lr_ok ? lr : A(0);
+    const bool lr_dead = lr == ninf<A>();
+    const A lr_safe = lr_dead ? A(0) : lr;
     if constexpr (DIV == kJSD) {  // w_p = beta, w_q = 1 - beta, r = m
-      const A tp = p > A(0) ? p * (lp - lr) : A(0);
-      const A tq = q > A(0) ? q * (lq - lr) : A(0);
+      const A tp = p == A(0) ? A(0) : p * (lp - lr);
+      const A tq = q == A(0) ? A(0) : q * (lq - lr);
       ell = c.w_p * tp + c.w_q * tq;
       h = c.w_q * tq;
       k = c.w_p * tp;
     } else if constexpr (DIV == kSkewForwardKL) {  // KL(p || r), w_p = skew
-      ell = p > A(0) ? p * (lp - lr) : A(0);
-      const A rho_q = lr_ok ? d_exp(c.log_wq + lq - lr_safe) : A(0);
+      ell = p == A(0) ? A(0) : p * (lp - lr);
+      const A rho_q = lr_dead ? A(0) : d_exp(c.log_wq + lq - lr_safe);
       h = -p * rho_q;
       k = ell + p * rho_q;
     } else {  // kSkewReverseKL: KL(q || r), w_q = skew
-      ell = q > A(0) ? q * (lq - lr) : A(0);
-      const A rho_p = lr_ok ? d_exp(c.log_wp + lp - lr_safe) : A(0);
+      ell = q == A(0) ? A(0) : q * (lq - lr);
+      const A rho_p = lr_dead ? A(0) : d_exp(c.log_wp + lp - lr_safe);
       h = ell + q * rho_p;
       k = -q * rho_p;
     }
