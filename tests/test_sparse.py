@@ -9,17 +9,24 @@ from conftest import HAS_CUDA, skip_unless_available
 from test_divergences import DIVS, DTYPES, assert_close, oracle_divergence, oracle_finish
 
 BACKENDS = ["torch", "cpp", "triton", "cuda"]
+# tail="bucket": each tail mass is floored at 2**-20 (README, fastkd.reference.sparse.TAIL_FLOOR)
+TAIL_FLOOR = 2.0 ** -20
 
 
 def sparse_oracle(z, idx, vals, labels=None, divergence="forward_kl", temperature=1.0,
                   beta=0.5, skew=0.1, tail="renormalize", ignore_index=-100,
                   hard_label_weight=0.0, soft_label_weight=1.0, scale_temperature=True,
                   reduction="batchmean", num_items_in_batch=None):
-    """The issue's formulas in float64: student normalized over the full vocabulary."""
+    """The issue's formulas in float64: student normalized over the full vocabulary.
+
+    tail="bucket": the teacher's tail is 1 - sum exp(vals), the student's its probability mass
+    outside idx (summed directly); both are floored at TAIL_FLOOR, and the student's floored
+    tail moves with the unfloored one (straight-through: value max(q, floor), derivative 1)."""
     if labels is not None:
         z = torch.where((labels != ignore_index).unsqueeze(-1), z, torch.zeros_like(z))
     T = temperature
-    lq = torch.log_softmax(z / T, -1).gather(-1, idx)
+    lq_all = torch.log_softmax(z / T, -1)
+    lq = lq_all.gather(-1, idx)
     if tail == "renormalize":
         lp = torch.log_softmax(vals / T, -1)
         full = divergence == "forward_kl" or (divergence == "jsd" and beta == 0)
@@ -27,8 +34,10 @@ def sparse_oracle(z, idx, vals, labels=None, divergence="forward_kl", temperatur
             lq = lq - torch.logsumexp(lq, -1, keepdim=True)
     else:
         lp = vals
-        p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp_min(0)
-        q_tail = (1 - lq.exp().sum(-1, keepdim=True)).clamp_min(0)
+        p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp_min(TAIL_FLOOR)
+        outside = torch.ones_like(lq_all).scatter(-1, idx, torch.zeros_like(lq))
+        q_tail = (lq_all.exp() * outside).sum(-1, keepdim=True)
+        q_tail = q_tail + (q_tail.clamp_min(TAIL_FLOOR) - q_tail).detach()
         lp = torch.cat([lp, p_tail.log()], -1)
         lq = torch.cat([lq, q_tail.log()], -1)
     D = oracle_divergence(lp, lq, divergence, beta, skew)
@@ -124,6 +133,77 @@ def test_sparse_full_vocab_equals_kd_loss(backend):
         a = fastkd.sparse_kd_loss(z, idx, t, divergence=div, temperature=2.0, backend=backend)
         b = fastkd.kd_loss(z, t, divergence=div, temperature=2.0, backend="torch")
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), div
+
+
+def _near_complete(V, k, rows, s_off, t_off, seed, device, T=1.0):
+    """Rows whose k teacher entries hold nearly all of both models' mass: random logits plus
+    s_off (student) / t_off (teacher) at the k indices, one offset per row, so the tails run
+    from ~1e-2 down to far below float32's resolution of 1 - sum, and either side may be the
+    larger. Values: the teacher's log-probabilities at T computed in float64, stored as float32."""
+    g = torch.Generator().manual_seed(seed)
+    zs, zt = torch.randn(rows, V, generator=g), torch.randn(rows, V, generator=g)
+    idx = torch.rand(rows, V, generator=g).argsort(-1)[:, :k]
+    zs.scatter_add_(1, idx, s_off.view(-1, 1).expand(rows, k))
+    zt.scatter_add_(1, idx, t_off.view(-1, 1).expand(rows, k))
+    vals = torch.log_softmax(zt.double() / T, -1).gather(-1, idx).float()
+    return zs.to(device), idx.to(device), vals.to(device)
+
+
+# per-row offsets (student, teacher): both tails tiny (the audit's case: 20 / 19), one tiny and
+# the other not (either way round), both small but resolved, and both ordinary
+NEAR_COMPLETE_OFFSETS = [(20.0, 19.0), (19.0, 20.0), (25.0, 10.0), (10.0, 25.0), (30.0, 30.0),
+                         (14.0, 12.0), (8.0, 9.0), (0.0, 3.0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVS)
+def test_sparse_bucket_near_complete_mass(backend, divergence):
+    """tail="bucket" where the k entries hold all but ~1e-8 of the mass: finite, and the floored
+    rule of the float64 oracle, loss and gradient, whichever side's tail rounds to 0 (it was inf,
+    or NaN gradients, on some backends)."""
+    device = skip_unless_available(backend, "sparse_kd")
+    s_off, t_off = (torch.tensor(c) for c in zip(*NEAR_COMPLETE_OFFSETS))
+    for seed, (V, k, T) in enumerate([(37, 5, 1.0), (300, 40, 2.0)]):
+        z, idx, vals = _near_complete(V, k, len(s_off), s_off * T, t_off * T, seed + 11, device,
+                                      T)
+        kw = dict(divergence=divergence, temperature=T, beta=0.3, skew=0.2, tail="bucket",
+                  reduction="none")
+        out, ref, g, rg = run_both(z, idx, vals, None, backend, **kw)
+        assert torch.isfinite(out).all() and torch.isfinite(g).all(), (V, k)
+        assert_close(out, ref, torch.float32, f"loss V={V}")
+        assert_close(g, rg, torch.float32, f"grad V={V}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_bucket_full_vocab_equals_kd_loss(backend):
+    """k = V with tail="bucket" and values = log_softmax(teacher / T) over all V entries (both
+    tails are rounding noise, floored alike): kd_loss on the dense teacher, loss and gradient,
+    against kd_loss's float64 oracle. Large logits make the float32 tails noisier."""
+    device = skip_unless_available(backend, "sparse_kd")
+    from test_divergences import oracle
+
+    g = torch.Generator().manual_seed(23)
+    B, V, T = 5, 61, 1.5
+    z, t = torch.randn(B, V, generator=g) * 6, torch.randn(B, V, generator=g) * 6
+    z[0] += 40.0  # a large common offset: float32 log-sum-exps of magnitude ~30
+    idx = torch.rand(B, V, generator=g).argsort(-1)  # every entry, in a shuffled order
+    vals = torch.log_softmax(t / T, -1).gather(-1, idx)  # float32, as stored
+    for div in DIVS:
+        x = z.clone().to(device).requires_grad_()
+        a = fastkd.sparse_kd_loss(x, idx.to(device), vals.to(device), divergence=div,
+                                  temperature=T, tail="bucket", reduction="none", beta=0.3,
+                                  skew=0.2, backend=backend)
+        x64 = z.double().requires_grad_()
+        # the teacher the stored values describe: kd's teacher logits = T * values (any shift)
+        t64 = torch.zeros(B, V, dtype=torch.float64).scatter(-1, idx, T * vals.double())
+        b = oracle(x64, t64, divergence=div, temperature=T, beta=0.3, skew=0.2,
+                   reduction="none")
+        gout = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+        (a.double().cpu() * gout).sum().backward()
+        (b * gout).sum().backward()
+        assert torch.isfinite(a).all() and torch.isfinite(x.grad).all(), div
+        assert_close(a, b, torch.float32, f"loss {div}")
+        assert_close(x.grad, x64.grad, torch.float32, f"grad {div}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,12 +15,14 @@ at PROGRAMS_PER_SM programs per SM on a GPU so that the rows in flight fit in L2
 * the k entries in KBLOCK chunks (one chunk up to k = MAX_KBLOCK): the student's logits at the
   teacher's indices are gathered from the row (L2/L1-resident after pass 1), the teacher's
   log-probs (renormalized, or bucket values plus the tail bucket), the student's bucket
-  log-probs, then D = sum ell and H = sum h over the buckets.
+  log-probs, then D = sum ell and H = sum h over the buckets. The tail masses are 1 - sum
+  over the k entries (the student's against the row's max and sum from pass 1), floored at
+  the reference's TAIL_FLOOR.
 * last pass (backwards, so that it starts with the chunks pass 1 read last): the dense part
   c * q_j * gamma (+ the hard-label part) over the whole row, then a barrier, then the k-wide
-  scatter that overwrites those k entries with their full value (dense part recomputed from
-  the gathered logit, plus c * e_i). The scatter re-gathers the student's logits, so
-  ``grad_student`` must not alias ``student`` (the op declares only it as mutated).
+  scatter that overwrites those k entries with their full value, c * (h_i - q_i H) plus the
+  hard-label part recomputed from the gathered logit. The scatter re-gathers the student's
+  logits, so ``grad_student`` must not alias ``student`` (the op declares only it as mutated).
 
 All arithmetic is float32 (float64 inputs included; a float64 ``loss`` buffer is filled from
 float32 math), gradients are stored in the buffer's dtype. No atomics, no host syncs, a fixed
@@ -35,11 +37,13 @@ import triton
 import triton.language as tl
 
 from fastkd.reference.divergences import DIVERGENCES
+from fastkd.reference.sparse import TAIL_FLOOR as TAIL_FLOOR_VALUE
 from fastkd.triton import gpu_layout, on_tensor_device
 from fastkd.triton.divergences import (NEG_INF, _leading_strides, _log, _mixture_weights,
                                        _online_lse, _terms)
 
 TAILS = {"renormalize": 0, "bucket": 1}
+TAIL_FLOOR = tl.constexpr(TAIL_FLOOR_VALUE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +70,15 @@ def _combine_lse(m, s, scale):
     mx = tl.max(m, 0)
     sh = tl.where(mx == NEG_INF, 0.0, mx)
     return mx * scale + tl.log(tl.sum(s * tl.exp((m - sh) * scale), 0))
+
+
+@triton.jit
+def _combine_max_sum(m, s, scale):
+    """(max m * scale, sum over lanes of s * exp((m - max m) * scale)); the max is taken as 0
+    when all are -inf. _combine_lse's log-sum-exp is the first plus the log of the second."""
+    mx = tl.max(m, 0)
+    sh = tl.where(mx == NEG_INF, 0.0, mx)
+    return sh * scale, tl.sum(s * tl.exp((m - sh) * scale), 0)
 
 
 @triton.jit
@@ -158,6 +171,8 @@ def _sparse_kd_row(
     # ---- pass 1: per-lane online max / sum-exp of a = z/T (and of z for the hard loss) ---------
     lse_a = 0.0
     lse_1 = 0.0
+    ref_a = 0.0  # bucket: the row's max of a, and sum_a = sum exp(a - ref_a) over the row
+    sum_a = 1.0
     if SOFT_DENSE or USE_HARD:
         m = tl.full([BLOCK], NEG_INF, tl.float32)
         sa = tl.zeros([BLOCK], tl.float32)
@@ -173,11 +188,20 @@ def _sparse_kd_row(
                 m, sa, alpha, w = _online_lse(m, sa, z * inv_T)
             else:
                 m, s1, alpha, w = _online_lse(m, s1, z)
+        # (bucket: lse_a from the max and sum its tail needs too, the same arithmetic)
         if SOFT_DENSE and USE_HARD and not UNIT_T:
-            lse_a = _combine_lse(m, sa, inv_T)
+            if TAIL == 1:
+                ref_a, sum_a = _combine_max_sum(m, sa, inv_T)
+                lse_a = ref_a + tl.log(sum_a)
+            else:
+                lse_a = _combine_lse(m, sa, inv_T)
             lse_1 = _combine_lse(m, s1, 1.0)
         elif SOFT_DENSE:
-            lse_a = _combine_lse(m, sa, 1.0)
+            if TAIL == 1:
+                ref_a, sum_a = _combine_max_sum(m, sa, 1.0)
+                lse_a = ref_a + tl.log(sum_a)
+            else:
+                lse_a = _combine_lse(m, sa, 1.0)
             lse_1 = lse_a  # only used when T == 1
         else:
             lse_1 = _combine_lse(m, s1, 1.0)
@@ -204,16 +228,19 @@ def _sparse_kd_row(
                 mk, sk, alpha_k, w_k = _online_lse(mk, sk, z * inv_T)
         else:
             sum_p += tl.exp(v)
-            sum_q += tl.exp(z * inv_T - lse_a)
+            sum_q += tl.exp(z * inv_T - ref_a)
     if TAIL == 0:
         lse_b = _combine_lse(mb, sb, 1.0)
         if DIV != 0:
             lse_k = _combine_lse(mk, sk, 1.0)
     else:
-        p_tail = tl.maximum(1.0 - tl.sum(sum_p, 0), 0.0)
-        q_tail = tl.maximum(1.0 - tl.sum(sum_q, 0), 0.0)
+        # the tails, floored (the reference's TAIL_FLOOR); the student's as (sum_a - sum_S) / sum_a:
+        # no rounded log-sum-exp in it, so it is good to a few ulps of 1 whatever the logits' size
+        p_tail = tl.maximum(1.0 - tl.sum(sum_p, 0), TAIL_FLOOR)
+        q_tail = tl.maximum((sum_a - tl.sum(sum_q, 0)) / sum_a, 0.0)
+        q_floor = tl.maximum(q_tail, TAIL_FLOOR)
         lp_tail = tl.log(p_tail)
-        lq_tail = tl.log(q_tail)
+        lq_tail = tl.log(q_floor)
 
     # ---- pass B: D = sum ell, H = sum h over the buckets ----------------------------------------
     acc_l = tl.zeros([KBLOCK], tl.float32)
@@ -228,14 +255,15 @@ def _sparse_kd_row(
     bad = tl.sum(n_bad, 0) > 0
     D = tl.where(bad, float("nan"), tl.sum(acc_l, 0))
     H = tl.where(bad, float("nan"), tl.sum(acc_h, 0))
-    h_tail = 0.0
+    ratio = 0.0
     if TAIL == 1:
         # (no `_` targets: a name bound outside a loop and re-bound inside with another shape
         # breaks compilation, which the interpreter does not check)
         tail_terms = _terms(lq_tail, lp_tail, 0.0, 0.0, w_p, w_q, log_wp, log_wq, DIV)
         D += tail_terms[2]
-        h_tail = tail_terms[3]
-        H += h_tail
+        # dD/dq~ of the floored tail, which moves with q_tail (the contract's r)
+        ratio = tail_terms[3] / q_floor
+        H += ratio * q_tail
 
     row_loss = soft_coef * D
     if USE_HARD:
@@ -244,14 +272,12 @@ def _sparse_kd_row(
 
     if HAS_GS:
         # g_j = c * (q_j * gamma + [j = idx_i] e_i), the contract's gamma and e_i per tail
-        ratio = 0.0
         if TAIL == 0:
             if DIV == 0:
                 gamma = -H
             else:
                 gamma = 0.0
         else:
-            ratio = tl.where(q_tail > 0, h_tail / tl.where(q_tail > 0, q_tail, 1.0), 0.0)
             gamma = ratio - H
         c_gamma = grad_coef * gamma
 
@@ -270,20 +296,15 @@ def _sparse_kd_row(
         # the scatter below overwrites entries another thread of this program just stored
         tl.debug_barrier()
 
-        # ---- the k entries again: dense part + c * e_i, scattered ----------------------------
+        # ---- the k entries again: their full gradient, scattered ----------------------------
+        # c * (q_i gamma + e_i) = c * (h_i - q_i H) for every tail (q: the bucket's student
+        # probability), computed so: gamma and e_i each hold r, up to 1 / TAIL_FLOOR
         for j in range(0, n_kchunks):
             kmask, k_ok, idx, v, z = _gather_k(s_row, idx_row, val_row, j * KBLOCK + kofs, K, V)
             lp, lq = _bucket_logprobs(v, z, inv_T, lse_a, lse_b, lse_k, DIV, TAIL)
             q, p, ell, h, k_unused = _terms(lq, lp, 0.0, 0.0, w_p, w_q, log_wp, log_wq, DIV)
-            if TAIL == 0:
-                if DIV == 0:
-                    e = h
-                else:
-                    e = h - q * H  # q: the student renormalized over the k entries
-            else:
-                e = h - q * ratio
-            g = _dense_grad(z, idx, label, inv_T, lse_a, lse_1, c_gamma, hard_weight,
-                            SOFT_DENSE, USE_HARD, UNIT_T) + grad_coef * e
+            g = _dense_grad(z, idx, label, inv_T, lse_a, lse_1, 0.0, hard_weight,
+                            SOFT_DENSE, USE_HARD, UNIT_T) + grad_coef * (h - q * H)
             tl.store(gs_row + idx, g.to(gs_ptr.dtype.element_ty), mask=k_ok)
 
 

@@ -17,9 +17,10 @@
 //         q_tail = sum_{j not in S} q_j comes out with full relative precision instead of as
 //         1 - sum_i q_i, which cancels when the k entries hold nearly all the mass;
 //   2     the k-entry math, vectorized over the k entries: bucket log-probabilities, the divergence
-//         terms, D = sum ell and H = sum h (float64 sums), the tail bucket in float64, and the full
-//         gradient of each teacher entry, C (h_i - q_i H) (+ the hard-label part), which is what
-//         q_i gamma + e_i is for every tail (and needs no cancellation of gamma's large terms);
+//         terms, D = sum ell and H = sum h (float64 sums), the tail bucket in float64 (both masses
+//         floored at 2^-20: bucket_tail), and the full gradient of each teacher entry,
+//         C (h_i - q_i H) (+ the hard-label part), which is what q_i gamma + e_i is for every tail
+//         (and needs no cancellation of gamma's large terms);
 //   3     (grad_student) per 1024-entry block, the dense part C gamma q_j + hw (softmax(z)_j -
 //         [j = label]) staged in fp32 from the exponentials of pass 1 (0 at the teacher's entries),
 //         plus the block's teacher entries, converted once to the buffer's dtype. Meanwhile the next
@@ -54,6 +55,24 @@ struct SParams {
   double beta, skew;
   Coef cf;
 };
+
+// The tail buckets' floor, fastkd.reference.sparse.TAIL_FLOOR (its docstring says why): a tail
+// mass below 2^-20 reads as 2^-20 on either side.
+constexpr double kTailFloor = 0x1p-20;
+
+// The tail bucket (teacher mass p_t = 1 - sum p_i, student mass q_t outside the k entries) added to
+// D and H, and gamma of the contract: r = h_t / q~ with the floored masses, H += r q_t (the floored
+// student tail moves with q_t), gamma = r - H. Per row, in float64.
+inline void bucket_tail(int64_t div, double p_t, double q_t, const SParams& P, double& D, double& H, double& gamma) {
+  p_t = std::max(p_t, kTailFloor);
+  const double qf = std::max(q_t, kTailFloor);
+  double ell_t, h_t, k_t;
+  terms_f64(div, qf, p_t, std::log(qf), std::log(p_t), P.beta, P.skew, ell_t, h_t, k_t);
+  const double r = h_t / qf;
+  D += ell_t;
+  H += r * q_t;
+  gamma = r - H;
+}
 
 using GatherFn = void (*)(const void*, const int64_t*, int64_t, float*, int64_t);
 
@@ -290,12 +309,7 @@ void sparse_rows(const SJob& job, int64_t begin, int64_t end) {
     }
     double D = E.value(), Hs = H.value(), gamma = 0.0;
     if constexpr (TAIL == kBucket) {
-      const double p_t = std::max(1.0 - SP.value(), 0.0), q_t = So_a / Sa;
-      double ell_t, h_t, k_t;
-      terms_f64(DIV, q_t, p_t, std::log(q_t), std::log(p_t), P.beta, P.skew, ell_t, h_t, k_t);
-      D += ell_t;
-      Hs += h_t;
-      gamma = (q_t > 0 ? h_t / q_t : 0.0) - Hs;
+      bucket_tail(DIV, 1.0 - SP.value(), So_a / Sa, P, D, Hs, gamma);
     } else if (DIV == kForwardKL) {
       gamma = -Hs;
     }
@@ -423,12 +437,7 @@ void sparse_rows_f64(const SJob& job, int64_t tail, int64_t div, int64_t begin, 
       SP += p;
     }
     if (tail == kBucket) {
-      const double p_t = std::max(1.0 - SP, 0.0), q_t = So_a / Sa;
-      double ell_t, h_t, k_t;
-      terms_f64(div, q_t, p_t, std::log(q_t), std::log(p_t), P.beta, P.skew, ell_t, h_t, k_t);
-      D += ell_t;
-      H += h_t;
-      gamma = (q_t > 0 ? h_t / q_t : 0.0) - H;
+      bucket_tail(div, 1.0 - SP, So_a / Sa, P, D, H, gamma);
     } else if (div == kForwardKL) {
       gamma = -H;
     }

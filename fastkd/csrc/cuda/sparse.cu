@@ -15,12 +15,13 @@
 //      when T != 1) over the slice, reduced over the block and the cluster;
 //   k  the k teacher entries, one per thread (strided for k > blockDim): their student logits are
 //      gathered from global memory (a few sectors per row), then the normalizers over k (renormalize)
-//      or the tail masses 1 - sum (bucket), then D = sum ell and H = sum h over the buckets, each a
+//      or the tail masses 1 - sum (bucket; floored at 2^-20, the student's taken against pass 1's max
+//      and sum-exp), then D = sum ell and H = sum h over the buckets, each a
 //      block reduction. Every CTA of a cluster does this redundantly, in the same order, so all
 //      hold bitwise the same D, H, gamma: no cluster exchange;
 //   2  (grad_student) the dense part C q_j gamma + hw (softmax(z)_j - [j = label]) over the slice,
 //      from the shared-memory copy, streamed out; a __syncthreads; then the teacher entries inside
-//      this CTA's slice are overwritten with their full value (dense part + C e_i). Indices are
+//      this CTA's slice are overwritten with their full value (C (h_i - q_i H) + the hard part). Indices are
 //      distinct (the caller validates them): duplicates would race in that scatter.
 // Row loss: rank 0 writes soft_coef * D + hw * (logsumexp(z) - z[label]). No atomics, a fixed
 // reduction order: the same inputs give bitwise the same outputs.
@@ -59,6 +60,9 @@ using namespace cuda_common;
 
 constexpr int kRenormalize = 0, kBucket = 1;  // fastkd.reference.sparse.TAILS
 constexpr int kSlots = 4;                     // values per reduction: 2 (max, sum-exp) pairs at most
+// The tail buckets' floor, fastkd.reference.sparse.TAIL_FLOOR (its docstring says why): a tail mass
+// below 2^-20 reads as 2^-20 on either side.
+constexpr double kTailFloor = 0x1p-20;
 
 struct SParams {
   const char* s;  // row 0 of student / grad_student; strides in bytes
@@ -280,7 +284,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A>) sparse_kd_fwd_kern
   };
   // renormalize: log-normalizers of v/T and (not forward_kl) of z/T over the k entries;
   // bucket: the tail buckets' log-masses and the student's tail mass
-  A shb = A(0), lsb = A(0), shk = A(0), lsk = A(0), lp_t = A(0), lq_t = A(0), q_t = A(0);
+  A shb = A(0), lsb = A(0), shk = A(0), lsk = A(0), lp_t = A(0), lq_t = A(0), q_t = A(0), q_f = A(1);
   int badk = 0;
   if (renorm) {
     A kv[4] = {ninf<A>(), A(0), ninf<A>(), A(0)};
@@ -297,19 +301,24 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A>) sparse_kd_fwd_kern
     shk = kv[2] == ninf<A>() ? A(0) : kv[2];
     lsk = d_log(kv[3]);
   } else {
+    // the student's mass at the k entries against the row's max and sum-exp (st), so that its tail
+    // (st[1] - sum) / st[1] holds no rounded log-sum-exp; both tails floored at kTailFloor
     A kv[2] = {A(0), A(0)};
     for (int64_t i = tid; i < P.K; i += nt) {
       int64_t j;
       A z, v;
       badk |= !gather(i, j, z, v);
       kv[0] += d_exp(v);
-      kv[1] += d_exp((z * c.inv_t - sha) - lsa);
+      kv[1] += d_exp(z * c.inv_t - sha);
     }
     allreduce<A, 2>(kv, SumOp{}, red, bc, slot, 1);
-    const A p_t = A(1) - kv[0] > A(0) ? A(1) - kv[0] : A(0);
-    q_t = A(1) - kv[1] > A(0) ? A(1) - kv[1] : A(0);
+    const A floor_t = static_cast<A>(kTailFloor);
+    const A p_t = A(1) - kv[0] > floor_t ? A(1) - kv[0] : floor_t;
+    q_t = (st[1] - kv[1]) / st[1];
+    q_t = q_t > A(0) ? q_t : A(0);
+    q_f = q_t > floor_t ? q_t : floor_t;
     lp_t = d_log(p_t);
-    lq_t = d_log(q_t);
+    lq_t = d_log(q_f);
   }
   const bool bad = __syncthreads_or(badk) != 0;
 
@@ -340,12 +349,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A>) sparse_kd_fwd_kern
     allreduce<A, 2>(dh, SumOp{}, red, bc, slot, 1);
     D = dh[0];
     H = dh[1];
-    if (!renorm) {
+    if (!renorm) {  // the contract's r = dD/dq~ of the floored tail, which moves with q_t
       A q, p, ell, h;
       terms_rt<A>(P.div, lq_t, lp_t, c, q, p, ell, h);
       D += ell;
-      H += h;
-      ratio = q_t > A(0) ? h / q_t : A(0);
+      ratio = h / q_f;
+      H += ratio * q_t;
     }
     if (bad) D = H = static_cast<A>(NAN);
   }
@@ -362,12 +371,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A>) sparse_kd_fwd_kern
   // ---- pass 2: the dense gradient over the slice, then the teacher entries ----------------------
   if (P.has_gs) {
     const A c_gamma = c.grad_coef * (renorm ? (P.div == kForwardKL ? -H : A(0)) : ratio - H);
-    // C q_j gamma + hw (softmax(z)_j - [j = label]) at logit z, column j
-    auto dense_g = [&](A z, int64_t j) {
+    // cg q_j + hw (softmax(z)_j - [j = label]) at logit z, column j (cg: C gamma, or 0)
+    auto dense_g = [&](A z, int64_t j, A cg) {
       A g = A(0), q = A(0);
       if (P.dense) {
         q = d_exp((z * c.inv_t - sha) - lsa);
-        g = c_gamma * q;
+        g = cg * q;
       }
       if (P.hard) {
         const A q1 = P.sep1 ? d_exp((z - sh1) - ls1) : q;
@@ -386,7 +395,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A>) sparse_kd_fwd_kern
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         if (e < cnt) {
-          const A ge = P.pass1 ? dense_g(x.get(e), v0 + off + e) : A(0);
+          const A ge = P.pass1 ? dense_g(x.get(e), v0 + off + e, c_gamma) : A(0);
           g.set(e, bad_label ? static_cast<A>(NAN) : ge);
         }
       }
@@ -400,10 +409,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A>) sparse_kd_fwd_kern
       A lq, lp, q, p, ell, h;
       bucket_lp(z, v, lq, lp);
       terms_rt<A>(P.div, lq, lp, c, q, p, ell, h);
-      // e_i of the contract; q is the bucket's student probability (renormalized over k for
-      // renormalize with divergences other than forward_kl)
-      const A e = renorm ? (P.div == kForwardKL ? h : h - q * H) : h - q * ratio;
-      const A g = dense_g(z, j) + c.grad_coef * e;
+      // q_i gamma + e_i of the contract is h_i - q_i H for every tail (q: the bucket's student
+      // probability, renormalized over k for renormalize with divergences other than forward_kl),
+      // computed so: gamma and e_i each hold r, which reaches 1 / kTailFloor
+      const A g = dense_g(z, j, A(0)) + c.grad_coef * (h - q * H);
       store_one<TS, A>(g_row + j * es, P.ds, bad_label ? static_cast<A>(NAN) : g);
     }
   }
