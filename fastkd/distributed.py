@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .reference.divergences import _cap, divergence_terms
-from .reference.sparse import sparse_terms
+from .reference.sparse import _terms as sparse_terms_at_entries
 
 _BLOCK_ELEMS = 1 << 22  # entries of one row block of the local slice: bounds fp32 temporaries
 
@@ -235,8 +235,10 @@ def vocab_parallel_sparse_kd_fwd(student, indices, values, labels, loss, grad_st
     lse = _all_logsumexp(stats, group)
     dist.all_reduce(at_idx, group=group)
 
-    D, gamma, e = sparse_terms(at_idx[..., :-1] - lse[0].unsqueeze(-1), values, divergence, T,
-                               beta, skew, tail)
+    # g_S: the whole gradient at the teacher's entries, h_i - q_i H, computed directly (as
+    # q_i gamma + e_i it would cancel two terms of up to 1/TAIL_FLOOR in the bucket tail)
+    D, gamma, _, g_S = sparse_terms_at_entries(at_idx[..., :-1] - lse[0].unsqueeze(-1), values,
+                                               divergence, T, beta, skew, tail)
     scale = T * T if scale_temperature else 1.0
     row = soft_weight * scale * D
     if hard:
@@ -244,12 +246,17 @@ def vocab_parallel_sparse_kd_fwd(student, indices, values, labels, loss, grad_st
     loss.copy_(lab.mask(row))
     if grad_student is None:
         return
-    e = torch.where(own, e, torch.zeros_like(e))
     c = soft_weight * scale / T
+    K = indices.shape[-1]
+    # entries another rank owns are written to K spare columns (one each, so every target of
+    # the scatter is distinct), dropped afterwards
+    spare = V + torch.arange(K, device=dev)
     for b, rows in _row_blocks(B, R, V):
         z = student[b, rows].to(acc)
         g = torch.exp(z / T - lse[0, b, rows].unsqueeze(-1)) * gamma[b, rows]
-        g = c * g.scatter_add(-1, local[b, rows], e[b, rows])
+        g = torch.cat([g, g.new_zeros(g.shape[:-1] + (K,))], -1)
+        g.scatter_(-1, torch.where(own[b, rows], local[b, rows], spare), g_S[b, rows].to(g.dtype))
+        g = c * g[..., :V]
         if hard:
             g = lab.add_hard(g, z, lse[1, b, rows], hard_weight, b, rows)
         grad_student[b, rows] = lab.mask(g, b, rows)
