@@ -205,6 +205,53 @@ def test_ignored_rows_never_read():
         assert bool(loss.isfinite().all()) and bool(g.isfinite().all())
 
 
+@pytest.mark.parametrize("hard", [0.0, 0.5], ids=["soft", "hard"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (F64, torch.float32)], ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+def test_nan_makes_its_row_nan(dtypes, hard):
+    """A NaN in a counted row's teacher values or in the student logits it reads: that row's loss and
+    whole gradient NaN, for both tails and every divergence, across blocks (a first block of -inf
+    only: its dense part is NaN too), with and without a gradient; other rows bitwise as without it;
+    ignored rows 0. renormalize with a divergence other than forward_kl and no hard label reads the
+    student only at the k indices: a NaN elsewhere changes nothing there (the contract)."""
+    check_nan_rows(dtypes, hard)
+
+
+def check_nan_rows(dtypes, hard, run=run_native, V=2100):
+    """test_nan_makes_its_row_nan with the op run by ``run`` (test_native_sparse_cuda reuses it)."""
+    B, R, k = 2, 4, 7
+    labels = torch.tensor([[3, IGNORE, 7, 0], [5, 9, 1, 2]])
+    for tail, div in itertools.product(TAILS.values(), DIVERGENCES.values()):
+        s, idx, v = make(B, R, V, k, tail, *dtypes, seed=43)
+        ns, nv = s.clone(), v.clone()
+        ns[0, 0, idx[0, 0, 3]] = float("nan")  # at a teacher entry
+        ns[0, 1, idx[0, 1, 0]] = float("nan")  # ignored row
+        nv[0, 1, 1] = float("nan")
+        ns[0, 2, :1024] = float("-inf")
+        ns[0, 2, idx[0, 2, 0]] = float("nan")
+        nv[0, 3, 2] = float("nan")
+        out = next(j for j in range(2048, V) if j not in idx[1, 0].tolist())
+        ns[1, 0, out] = float("nan")  # outside the teacher's entries, last block
+        nv[1, 1, 1::2] = float("-inf")
+        nv[1, 1, 0] = float("nan")
+        whole = tail == TAILS["bucket"] or div == DIVERGENCES["forward_kl"] or hard != 0.0
+        bad = torch.zeros(B, R, dtype=torch.bool)
+        bad[0, 0] = bad[0, 2] = bad[0, 3] = bad[1, 1] = True
+        bad[1, 0] = whole
+        good = ~bad
+        good[0, 1] = False
+        cfg = _cfg(divergence=div, tail=tail, hard_weight=hard)
+        for grad in (True, False):
+            got = run(ns, idx, nv, labels, cfg, grad)
+            want = run(s, idx, v, labels, cfg, grad)
+            what = (tail, div, grad)
+            assert bool(got[0][bad].isnan().all()) and got[0][0, 1] == 0, what
+            assert torch.equal(got[0][good], want[0][good]), what
+            if grad:
+                assert bool(got[1][bad].isnan().all()) and bool((got[1][0, 1] == 0).all()), what
+                assert torch.equal(got[1][good], want[1][good]), what
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, F64], ids=str)
 def test_deterministic(dtype):
     B, R, V, k = 4, 16, 2100, 33

@@ -21,6 +21,7 @@ from _kd_op_cases import _check, make_labels, outputs_under_env  # noqa: E402
 from test_native_sparse import compare as native_compare  # noqa: E402
 from test_native_sparse import DIVS, DTYPES, F64, IGNORE, LABELS, TAILS, _args, _cfg, _wide, make, run_ref  # noqa: E402
 from test_native_sparse import NEAR_DTYPES, near_complete  # noqa: E402
+from test_native_sparse import check_nan_rows  # noqa: E402
 
 op = torch.ops.fastkd.sparse_kd_fwd
 DEV = "cuda"
@@ -115,6 +116,18 @@ def test_large_rows(div, tail, V, dtype):
     for hw in (0.0, 0.5):
         compare(s, idx, v, labels, _cfg(divergence=div[1], tail=tail[1], hard_weight=hw, temperature=2.0),
                 f"hw={hw}")
+
+
+@pytest.mark.parametrize("V,dtypes", [(2100, (torch.float32, torch.float32)),
+                                      (2100, (F64, torch.float32)),
+                                      (128256, (torch.bfloat16, torch.float32))],
+                         ids=["one-cta-f32", "one-cta-f64", "cluster-bf16"])
+@pytest.mark.parametrize("hard", [0.0, 0.5], ids=["soft", "hard"])
+def test_nan_makes_its_row_nan(hard, V, dtypes):
+    """test_native_sparse's NaN case on CUDA: a NaN the row reads (student or teacher value) makes
+    its loss and gradient NaN (the tail floors keep it, the renormalized divergences' dense part is
+    NaN-filled), one CTA per row or a cluster; other rows bitwise as without it; ignored rows 0."""
+    check_nan_rows(dtypes, hard, run=run_cuda, V=V)
 
 
 def test_index_or_label_out_of_range_is_nan_not_a_sync():

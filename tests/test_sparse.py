@@ -264,3 +264,63 @@ def test_sparse_module():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="tail"):
         fastkd.SparseKDLoss(tail="x")
+
+
+def _soft_reads_whole_row(tail, divergence, hard):
+    """Whether the row's loss reads every student logit: not for tail="renormalize" with a
+    divergence other than forward_kl and no hard label (D lives on the k gathered logits)."""
+    return tail == "bucket" or divergence == "forward_kl" or hard != 0.0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # triton interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("hard", [0.0, 0.5], ids=["soft", "hard"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_nan_makes_its_row_nan(backend, tail, side, hard, dtype):
+    """As kd_loss: a NaN in a counted row's teacher values, or in the student logits the row
+    reads, makes that row's loss and whole gradient NaN on every divergence (the bucket tails'
+    floors keep NaN); the other rows are bitwise what they are without it, and an ignored row
+    holding NaN still gives 0. tail="renormalize" with a divergence other than forward_kl and no
+    hard label reads only the student's logits at the k indices: a NaN elsewhere leaves the row
+    as it is, on every backend (no kernel reads the rest of the row then)."""
+    device = skip_unless_available(backend, "sparse_kd")
+    z, idx, vals, _ = make_sparse((6,), 37, 5, dtype, device, tail, "none", seed=23)
+    labels = torch.tensor([3, 5, -100, 7, 1, 11], device=device)
+    ns, nv = z.clone(), vals.clone()
+    outside = [int(next(j for j in range(37) if j not in idx[r].tolist())) for r in range(6)]
+    elsewhere = []  # rows whose only NaN is a student logit outside the teacher's entries
+    if side == "student":
+        ns[1, idx[1, 2]] = float("nan")  # at a teacher entry
+        ns[2, idx[2, 0]] = ns[2, outside[2]] = float("nan")  # ignored row
+        ns[3, ::2] = float("-inf")
+        ns[3, idx[3, 1]] = float("nan")  # NaN beats -inf entries (and the inf losses they give)
+        ns[4, outside[4]] = float("nan")  # outside the teacher's entries
+        labels[4] = outside[4]  # at the label
+        elsewhere = [4]
+    else:
+        nv[1, 2] = float("nan")
+        nv[2, 0] = float("nan")  # ignored row
+        nv[3, 1::2] = float("-inf")
+        nv[3, 0] = float("nan")
+        nv[4, 4] = float("nan")  # the smallest value
+    for div in DIVS:
+        kw = dict(divergence=div, tail=tail, hard_label_weight=hard, temperature=2.0,
+                  reduction="none")
+        outs = []
+        for s, v in ((ns, nv), (z, vals)):
+            x = s.clone().requires_grad_()
+            out = fastkd.sparse_kd_loss(x, idx, v, labels, backend=backend, **kw)
+            (out.double() * torch.linspace(0.5, 1.5, 6, dtype=torch.float64,
+                                           device=device)).sum().backward()
+            outs.append((out.detach(), x.grad))
+        (out, g), (clean, cg) = outs
+        whole = _soft_reads_whole_row(tail, div, hard)
+        bad = [1, 3, 4] if side == "teacher" or whole else [1, 3]
+        good = [0, 5] + [r for r in elsewhere if r not in bad]
+        assert out[bad].isnan().all(), (div, out)
+        assert g[bad].isnan().all(), div
+        assert out[2] == 0 and (g[2] == 0).all(), div
+        assert torch.isfinite(clean[good]).all(), div
+        assert torch.equal(out[good], clean[good]) and torch.equal(g[good], cg[good]), div

@@ -215,6 +215,40 @@ def test_ignored_rows_hold_nan(tail, code):
     assert_close(loss, gs, run_reference(s, idx, vals, lab, code, tail))
 
 
+@pytest.mark.parametrize("hard_weight", [0.0, 0.5], ids=["soft", "hard"])
+@pytest.mark.parametrize("code", CODES, ids=DIV_IDS)
+@pytest.mark.parametrize("tail", TAILS, ids=TAIL_IDS)
+def test_nan_makes_its_row_nan(monkeypatch, tail, code, hard_weight):
+    """A NaN in a counted row's teacher values or in the student logits it reads: that row's loss
+    and whole gradient NaN, whichever chunk and lane it is in (tl.maximum's default drops NaN: a
+    NaN as a lane's first entry would vanish as -inf, and the tail floors would hide a NaN mass);
+    other rows bitwise as without it; ignored rows 0. renormalize with a divergence other than
+    forward_kl and no hard label reads the student only at the k indices (the contract)."""
+    monkeypatch.setattr(tri, "MAX_BLOCK_INTERPRET", 64)  # 5 chunks of 64
+    monkeypatch.setattr(tri, "MAX_BLOCK_GPU", 64)
+    s, idx, vals, _ = make_inputs(1, 6, 300, 9, tail, labels="none", seed=8)
+    lab = torch.tensor([[4, 9, IGNORE, 2, 299, 17]], device=DEVICE)
+    ns, nv = s.clone(), vals.clone()
+    out = [j for j in range(300) if j not in idx[0, 1].tolist()]
+    ns[0, 1, out[0]] = float("nan")  # first chunk, outside the teacher's entries
+    ns[0, 2, 7] = float("nan")  # ignored row
+    nv[0, 2, 1] = float("nan")
+    ns[0, 3, idx[0, 3, 4]] = float("nan")  # at a teacher entry
+    nv[0, 4, 0] = float("nan")
+    nv[0, 5, 1::2] = float("-inf")
+    nv[0, 5, 2] = float("nan")
+    whole = tail == 1 or code == 0 or hard_weight != 0.0
+    bad, good = [3, 4, 5] + ([1] if whole else []), [0] + ([] if whole else [1])
+    for grad in (True, False):
+        got = run_triton(ns, idx, nv, lab, code, tail, grad=grad, hard_weight=hard_weight)
+        want = run_triton(s, idx, vals, lab, code, tail, grad=grad, hard_weight=hard_weight)
+        assert got[0][0, bad].isnan().all() and got[0][0, 2] == 0, grad
+        assert torch.equal(got[0][0, good], want[0][0, good]), grad
+        if grad:
+            assert got[1][0, bad].isnan().all() and (got[1][0, 2] == 0).all()
+            assert torch.equal(got[1][0, good], want[1][0, good])
+
+
 @pytest.mark.parametrize("code", [0, 2], ids=["forward_kl", "jsd"])
 @pytest.mark.parametrize("tail", TAILS, ids=TAIL_IDS)
 def test_index_out_of_range_is_nan_not_oob(tail, code):

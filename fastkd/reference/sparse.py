@@ -39,6 +39,13 @@ entry q_i gamma + e_i = h_i - qb_i H for every tail (qb_i: the entry's bucket pr
 the student), and every backend computes it so: r reaches 1/TAIL_FLOOR, where the sum
 q_i gamma + e_i would cancel two such terms. Indices must
 be distinct within a row and lie in [0, V). The teacher values get no gradient.
+
+NaN (as kd_fwd): a NaN among the values a row reads (its teacher values, or its student logits:
+all of them, except for tail="renormalize" with a divergence other than forward_kl and no hard
+label, where D reads only the logits at the k indices and no backend reads the rest) makes that
+row's loss and whole gradient NaN: the tail masses are clamped with NaN-keeping operations, and
+gamma of the renormalized divergences (0) is NaN when H is, so that the dense part is NaN too.
+Ignored rows stay 0.
 """
 from __future__ import annotations
 
@@ -52,7 +59,8 @@ TAIL_FLOOR = 2.0 ** -20
 
 
 def _tail_mass(l):
-    """1 - sum_i exp(l_i), clamped at 0: a tail bucket's mass from the k log-probabilities."""
+    """1 - sum_i exp(l_i), clamped at 0: a tail bucket's mass from the k log-probabilities
+    (clamp_min keeps NaN, as every clamp of the tails here)."""
     return (1.0 - l.exp().sum(-1, keepdim=True)).clamp_min(0.0)
 
 
@@ -67,7 +75,8 @@ def _terms(lq, values, divergence: int, temperature: float, beta: float, skew: f
         pb, qb = lp.exp(), lqb.exp()
         ell, h, _ = divergence_terms(divergence, pb, lp, qb, lqb, beta, skew)
         H = h.sum(-1, keepdim=True)
-        gamma = -H if fkl_full else torch.zeros_like(H)
+        # 0 for the renormalized divergences, NaN when H is (the dense gradient of a NaN row)
+        gamma = -H if fkl_full else torch.where(torch.isnan(H), H, torch.zeros_like(H))
         e = h if fkl_full else h - qb * H
         return ell.sum(-1), gamma, e, h - qb * H
     p_tail = _tail_mass(v)
@@ -109,11 +118,16 @@ def sparse_kd_fwd(student, indices, values, labels, loss, grad_student, divergen
     acc = torch.float64 if torch.float64 in (student.dtype, values.dtype) else torch.float32
     z = student.to(acc)
     lq_full = torch.log_softmax(z / T, dim=-1)
+    # renormalize with a divergence other than forward_kl: D and its gradient depend on the k
+    # gathered logits only (renormalized over them), and so does this reference, as the kernels,
+    # which never read the rest of the row then (a NaN there does not reach the soft loss)
+    dense = tail == 1 or divergence == 0
+    lq_S = (lq_full if dense else z / T).gather(-1, indices)
     lq_tail = None
     if tail == 1:  # the student's mass outside the k entries, summed directly (no cancellation)
         rest = lq_full.scatter(-1, indices, torch.full_like(lq_full, float("-inf")))
         lq_tail = torch.logsumexp(rest, dim=-1, keepdim=True)
-    D, gamma, _, g_S = _terms(lq_full.gather(-1, indices), values, divergence, T, beta, skew,
+    D, gamma, _, g_S = _terms(lq_S, values, divergence, T, beta, skew,
                               tail, lq_tail)
     scale = T * T if scale_temperature else 1.0
     row, add_hard, mask_rows = hard_labels_and_mask(soft_weight * scale * D, z, labels,
@@ -121,5 +135,5 @@ def sparse_kd_fwd(student, indices, values, labels, loss, grad_student, divergen
     loss.copy_(row)
     if grad_student is None:
         return
-    g = (lq_full.exp() * gamma).scatter(-1, indices, g_S)
+    g = (lq_full.exp() * gamma if dense else gamma.expand_as(z)).scatter(-1, indices, g_S)
     grad_student.copy_(mask_rows(add_hard(g * (soft_weight * scale / T))))

@@ -29,6 +29,11 @@ float32 math), gradients are stored in the buffer's dtype. No atomics, no host s
 reduction order: the same inputs give bitwise the same outputs. Indices must be distinct and in
 [0, V) within each row (the caller validates them): duplicates would race in the scatter;
 an index out of range gives its row a NaN loss and gradient, never an out-of-bounds access.
+
+NaN (the contract's rule): a NaN the row reads makes a lane's running max NaN (NaN-propagating
+maxima, as in the kd kernel), hence the row's log-sum-exps, every q or p of that side, D and H;
+the tail floors are NaN-propagating maxima too, and gamma of the renormalized divergences (0) is
+NaN when H is, so that the last pass writes NaN over the whole row; no read is added.
 """
 from typing import Optional
 
@@ -53,7 +58,7 @@ TAIL_FLOOR = tl.constexpr(TAIL_FLOOR_VALUE)
 def _online_lse_pair(m, sa, s1, z, inv_T):
     """_online_lse for two streams sharing one running max m of z: sa sums exp((z - m) / T),
     s1 sums exp(z - m) (T > 0, so max(z / T) = max(z) / T)."""
-    m_new = tl.maximum(m, z)
+    m_new = tl.maximum(m, z, propagate_nan=tl.PropagateNan.ALL)  # a NaN z: m and sums NaN
     d = -tl.abs(z - m)
     dead = m_new == NEG_INF
     ea = tl.where(dead, 0.0, tl.exp(d * inv_T))
@@ -236,9 +241,11 @@ def _sparse_kd_row(
     else:
         # the tails, floored (the reference's TAIL_FLOOR); the student's as (sum_a - sum_S) / sum_a:
         # no rounded log-sum-exp in it, so it is good to a few ulps of 1 whatever the logits' size
-        p_tail = tl.maximum(1.0 - tl.sum(sum_p, 0), TAIL_FLOOR)
-        q_tail = tl.maximum((sum_a - tl.sum(sum_q, 0)) / sum_a, 0.0)
-        q_floor = tl.maximum(q_tail, TAIL_FLOOR)
+        # (NaN-propagating maxima: tl.maximum's default would floor a NaN mass)
+        p_tail = tl.maximum(1.0 - tl.sum(sum_p, 0), TAIL_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        q_tail = tl.maximum((sum_a - tl.sum(sum_q, 0)) / sum_a, 0.0,
+                            propagate_nan=tl.PropagateNan.ALL)
+        q_floor = tl.maximum(q_tail, TAIL_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         lp_tail = tl.log(p_tail)
         lq_tail = tl.log(q_floor)
 
@@ -276,7 +283,7 @@ def _sparse_kd_row(
             if DIV == 0:
                 gamma = -H
             else:
-                gamma = 0.0
+                gamma = tl.where(H != H, H, 0.0)  # 0, or NaN for a NaN row
         else:
             gamma = ratio - H
         c_gamma = grad_coef * gamma
@@ -289,8 +296,10 @@ def _sparse_kd_row(
                 z = tl.load(s_row + cols, mask=mask, other=0.0, eviction_policy="evict_first")
                 g = _dense_grad(z.to(tl.float32), cols, label, inv_T, lse_a, lse_1, c_gamma,
                                 hard_weight, SOFT_DENSE, USE_HARD, UNIT_T)
+                if not SOFT_DENSE:  # the soft part is 0 here, or NaN (gamma) for a NaN row
+                    g = tl.where(gamma != gamma, gamma, g)
             else:
-                g = tl.zeros([BLOCK], tl.float32)
+                g = tl.zeros([BLOCK], tl.float32) + gamma  # 0, or NaN for a NaN row
             tl.store(gs_row + cols, g.to(gs_ptr.dtype.element_ty), mask=mask,
                      eviction_policy="evict_first")
         # the scatter below overwrites entries another thread of this program just stored

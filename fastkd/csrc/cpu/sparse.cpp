@@ -32,6 +32,11 @@
 //
 // Inputs with float64 (student or values; for gradcheck and debugging) take a scalar float64 path,
 // sparse_rows_f64 below, with the same passes in plain loops.
+//
+// NaN (the contract's rule): a NaN the row reads makes its maximum or its sums NaN, hence every q or
+// p of that side, D and H; the divergence terms let NaN through, the tail floors (std::max with the
+// mass first) keep it, and gamma of the renormalized divergences, 0, is NaN when H is, which pass 3
+// writes over the whole row (fill): the row's loss and gradient are NaN, at no extra read.
 
 #include "vec_math.h"  // first: it selects the vector ISA (CPU_CAPABILITY) for the ATen headers
 
@@ -64,6 +69,7 @@ constexpr double kTailFloor = 0x1p-20;
 // D and H, and gamma of the contract: r = h_t / q~ with the floored masses, H += r q_t (the floored
 // student tail moves with q_t), gamma = r - H. Per row, in float64.
 inline void bucket_tail(int64_t div, double p_t, double q_t, const SParams& P, double& D, double& H, double& gamma) {
+  // std::max(x, floor) is x < floor ? floor : x: a NaN mass stays NaN (do not swap the arguments)
   p_t = std::max(p_t, kTailFloor);
   const double qf = std::max(q_t, kTailFloor);
   double ell_t, h_t, k_t;
@@ -172,7 +178,7 @@ void sparse_rows(const SJob& job, int64_t begin, int64_t end) {
   w.start = reinterpret_cast<int64_t*>((reinterpret_cast<uintptr_t>(next) + 7) & ~uintptr_t{7});
   w.order = w.start + nb + 1;
 
-  const Vec vinvT(P.invT), zero(0.f);
+  const Vec vinvT(P.invT);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t b = i / R, r = i % R;
     float* loss = static_cast<float*>(job.loss) + b * job.o0 + r * job.o1;
@@ -312,6 +318,8 @@ void sparse_rows(const SJob& job, int64_t begin, int64_t end) {
       bucket_tail(DIV, 1.0 - SP.value(), So_a / Sa, P, D, Hs, gamma);
     } else if (DIV == kForwardKL) {
       gamma = -Hs;
+    } else if (std::isnan(Hs)) {
+      gamma = Hs;  // 0 otherwise; NaN so that the dense part of a NaN row is NaN
     }
     double row = P.sw_scale * D;
     if (P.hard) row += P.hw * ((static_cast<double>(M) - zl) + std::log(S1));
@@ -332,15 +340,18 @@ void sparse_rows(const SJob& job, int64_t begin, int64_t end) {
     const float* e1row = P.c1 ? w.e1 : w.ea;
     char* grow = job.gs.row(i);
     const char* nrow = i + 1 < end ? job.s.row(i + 1) : nullptr;
+    // the dense part where it is known to be 0: 0, or NaN for a NaN row (gamma is NaN then)
+    const float fill = std::isnan(gamma) ? static_cast<float>(gamma) : 0.f;
+    const Vec vfill(fill);
     for (int64_t bi = 0; bi < nb; ++bi) {
       const int64_t j0 = bi * kBlock, n = std::min(kBlock, V - j0);
       const bool live = P.pass1 && w.blockM[bi] != -kInf;
       const double bM = live ? w.blockM[bi] : 0.0;
-      const Vec va(live && P.ca ? static_cast<float>(P.C * gamma * std::exp((bM - M) * P.invT_d) / Sa) : 0.f);
+      const Vec va(live && P.ca ? static_cast<float>(P.C * gamma * std::exp((bM - M) * P.invT_d) / Sa) : fill);
       const Vec v1(live && P.hard ? static_cast<float>(P.hw * std::exp(P.c1 ? bM - M : (bM - M) * P.invT_d) / S1)
                                   : 0.f);
       for (int64_t j = 0; j < n; j += kW) {
-        Vec g = zero;
+        Vec g = vfill;
         if (P.ca) g = va * Vec::loadu(w.ea + j0 + j);
         if (P.hard) g = at::vec::fmadd(v1, Vec::loadu(e1row + j0 + j), g);
         g.store(w.stage + j);
@@ -440,12 +451,14 @@ void sparse_rows_f64(const SJob& job, int64_t tail, int64_t div, int64_t begin, 
       bucket_tail(div, 1.0 - SP, So_a / Sa, P, D, H, gamma);
     } else if (div == kForwardKL) {
       gamma = -H;
+    } else if (std::isnan(H)) {
+      gamma = H;  // 0 otherwise; NaN so that the dense part of a NaN row is NaN
     }
     *loss = P.sw_scale * D + (P.hard ? P.hw * ((M - zl) + std::log(S1)) : 0.0);
     if (!job.gs.base) continue;
     // the gradient, built in x: dense part, then the teacher entries, then the label
     for (int64_t j = 0; j < V; ++j) {
-      double g = full ? P.C * gamma * (std::exp((x[j] - M) / T) / Sa) : 0.0;
+      double g = full ? P.C * gamma * (std::exp((x[j] - M) / T) / Sa) : gamma;  // (gamma: 0 or NaN)
       if (P.hard) g += P.hw * (std::exp(x[j] - M) / S1);
       x[j] = g;
     }

@@ -31,6 +31,9 @@
 // outside [0, V), or a hard label outside [0, V) that is not ignore_index, gives its row a NaN loss
 // and gradient instead of an error: refusing it would need a device-to-host sync (Triton does the
 // same). Ignored rows get loss 0 and gradient 0 and are never read.
+// A NaN the row reads (fastkd/reference/sparse.py's NaN rule) makes the online maxima and sums NaN
+// (lse_add), hence D and H; the tail floors are written x < floor ? floor : x so that they keep NaN,
+// and the dense part known to be 0 (renormalize, not forward_kl) is filled with NaN when H is.
 //
 // Arithmetic is float32 for float32/float16/bfloat16 inputs (any mix) and float64 when student or
 // values is float64 (the loss buffer is float64 exactly then), as in the CPU kernel. The divergence
@@ -312,11 +315,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A>) sparse_kd_fwd_kern
       kv[1] += d_exp(z * c.inv_t - sha);
     }
     allreduce<A, 2>(kv, SumOp{}, red, bc, slot, 1);
+    // (x < floor ? floor : x: a NaN mass stays NaN, as the reference's clamps)
     const A floor_t = static_cast<A>(kTailFloor);
-    const A p_t = A(1) - kv[0] > floor_t ? A(1) - kv[0] : floor_t;
+    const A p_t = A(1) - kv[0] < floor_t ? floor_t : A(1) - kv[0];
     q_t = (st[1] - kv[1]) / st[1];
-    q_t = q_t > A(0) ? q_t : A(0);
-    q_f = q_t > floor_t ? q_t : floor_t;
+    q_t = q_t < A(0) ? A(0) : q_t;
+    q_f = q_t < floor_t ? floor_t : q_t;
     lp_t = d_log(p_t);
     lq_t = d_log(q_f);
   }
@@ -371,9 +375,11 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A>) sparse_kd_fwd_kern
   // ---- pass 2: the dense gradient over the slice, then the teacher entries ----------------------
   if (P.has_gs) {
     const A c_gamma = c.grad_coef * (renorm ? (P.div == kForwardKL ? -H : A(0)) : ratio - H);
+    // where the soft dense part is 0 (not P.dense): 0, or NaN for a NaN row (H is NaN then)
+    const A fill = H != H ? H : A(0);
     // cg q_j + hw (softmax(z)_j - [j = label]) at logit z, column j (cg: C gamma, or 0)
     auto dense_g = [&](A z, int64_t j, A cg) {
-      A g = A(0), q = A(0);
+      A g = fill, q = A(0);
       if (P.dense) {
         q = d_exp((z * c.inv_t - sha) - lsa);
         g = cg * q;
@@ -395,7 +401,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<A>) sparse_kd_fwd_kern
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         if (e < cnt) {
-          const A ge = P.pass1 ? dense_g(x.get(e), v0 + off + e, c_gamma) : A(0);
+          const A ge = P.pass1 ? dense_g(x.get(e), v0 + off + e, c_gamma) : fill;
           g.set(e, bad_label ? static_cast<A>(NAN) : ge);
         }
       }
