@@ -32,8 +32,10 @@ if os.environ.get("FASTKD_BUILD_EXT") == "1":
             + sorted(glob.glob(os.path.join(here, "fastkd", "csrc", "cpu", "*.cpp")))]
     cuda_srcs = sorted(glob.glob(os.path.join(here, "fastkd", "csrc", "cuda", "*.cu")))
     cflags, ldflags = _native_flags(here)
-    # CUDA sources only where torch has CUDA and nvcc exists (as in the JIT build)
-    if torch.version.cuda and ce.CUDA_HOME and cuda_srcs and os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc")):
+    # CUDA sources only where torch has CUDA, nvcc exists and the target GPU is known (a visible
+    # GPU or TORCH_CUDA_ARCH_LIST), as in the JIT build
+    if torch.version.cuda and ce.CUDA_HOME and cuda_srcs and os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc")) \
+            and (os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_available()):
         ext = ce.CUDAExtension(
             "fastkd._C", srcs + [os.path.relpath(p, here) for p in cuda_srcs],
             extra_compile_args={"cxx": cflags + ["-DFASTKD_WITH_CUDA"], "nvcc": ["-O3", "-DFASTKD_WITH_CUDA"]},

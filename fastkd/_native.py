@@ -102,6 +102,10 @@ def _cuda_skip_reason(ce, cu: list[str]) -> str:
         return f"this torch ({torch.__version__}) is a build without CUDA"
     if not ce.CUDA_HOME or not os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc")):
         return "nvcc was not found (set CUDA_HOME to the CUDA toolkit that matches torch)"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch's build picks the architectures from the visible GPUs: with none (a CUDA build of
+        # torch on a CPU machine, where pip puts it by default) it fails, CPU kernels and all
+        return "no CUDA GPU is visible (set TORCH_CUDA_ARCH_LIST to build for one anyway)"
     return ""
 
 
@@ -121,8 +125,21 @@ def _jit_load() -> None:
     build_dir = _build_dir(ce, cflags)
     if _needs_compile(build_dir, sources):
         print(f"fastkd: compiling native kernels (once, cached in {build_dir})", file=sys.stderr, flush=True)
-    ce.load(name=_NAME, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags,
-            extra_cuda_cflags=cuda_flags, build_directory=build_dir, is_python_module=False, verbose=False)
+    try:
+        ce.load(name=_NAME, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags,
+                extra_cuda_cflags=cuda_flags, build_directory=build_dir, is_python_module=False,
+                verbose=False)
+    except Exception as e:  # noqa: BLE001
+        if cuda_flags is None:
+            raise
+        # the CUDA half failed (e.g. a toolkit torch cannot use): keep the CPU kernels
+        _state["cuda_skip"] = "the CUDA sources failed to compile: " + _first_error(e)
+        warnings.warn(f"fastkd: {_state['cuda_skip']}; building the CPU kernels alone",
+                      RuntimeWarning, stacklevel=3)
+        cflags.remove("-DFASTKD_WITH_CUDA")
+        build_dir = _build_dir(ce, cflags)
+        ce.load(name=_NAME, sources=list(cpp), extra_cflags=cflags, extra_ldflags=ldflags,
+                build_directory=build_dir, is_python_module=False, verbose=False)
 
 
 # Fake kernels. Every fastkd op fills caller-allocated outputs and returns nothing (`-> ()`), so

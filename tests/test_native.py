@@ -325,6 +325,47 @@ def test_loader_api():
     assert out.stdout.startswith("False 0 ") and "FASTKD_NO_NATIVE" in out.stdout, out.stdout + out.stderr
 
 
+def test_cuda_sources_need_a_known_gpu(monkeypatch, tmp_path):
+    """A CUDA build of torch on a machine without a GPU (what pip installs by default), with
+    nvcc present: torch's build cannot tell the architecture and failed, CPU kernels and all.
+    The CUDA sources are now left out unless a GPU is visible or TORCH_CUDA_ARCH_LIST is set."""
+    from torch.utils import cpp_extension as ce
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(ce, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert "no CUDA GPU is visible" in _native._cuda_skip_reason(ce, ["k.cu"])
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _native._cuda_skip_reason(ce, ["k.cu"]) == ""
+
+
+def test_failed_cuda_build_keeps_the_cpu_kernels():
+    """When the CUDA half of the build fails, the extension is built again without it (a
+    warning, and cuda_reason() says why) instead of losing the CPU kernels too."""
+    code = ("import warnings, torch, fastkd._native as n\n"
+            "from torch.utils import cpp_extension as ce\n"
+            "n._cuda_skip_reason = lambda ce, cu: ''\n"
+            "real = ce.load\n"
+            "def load(**kw):\n"
+            "    if kw.get('extra_cuda_cflags') is not None:\n"
+            "        raise RuntimeError('nvcc: error: unsupported toolkit')\n"
+            "    return real(**kw)\n"
+            "ce.load = load\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    ok = n.load()\n"
+            "print(ok, n.has_op('kd_fwd'), '|', n.cuda_reason(), '|', "
+            "len([x for x in w if 'CPU kernels alone' in str(x.message)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True True |"), out.stdout + out.stderr
+    assert "the CUDA sources failed to compile: nvcc: error: unsupported toolkit" in out.stdout
+    assert out.stdout.strip().endswith("| 1"), out.stdout
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_errors_common(device):
     dev = on_device(device)
