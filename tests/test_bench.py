@@ -308,8 +308,11 @@ def test_bad_arguments_are_refused():
 
 
 def _python(*args, env=None):
+    # a child pytest must not see this one's xdist worker variables (under `pytest -n`,
+    # pytest-benchmark would take itself for an xdist run and refuse --benchmark-only)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+                          env={**base, **(env or {})}, timeout=600)
 
 
 def test_pytest_benchmark_suites_collect_and_run():
