@@ -80,7 +80,7 @@ def _dist_tile(x_ptr, sq_ptr, offs_i, offs_j, mi, mj, D, BI: tl.constexpr, BJ: t
     sqi = tl.load(sq_ptr + offs_i, mask=mi, other=0.0)
     sqj = tl.load(sq_ptr + offs_j, mask=mj, other=0.0)
     r = sqi[:, None] + sqj[None, :] - 2.0 * G
-    near = (r <= REFINE * (sqi[:, None] + sqj[None, :])) & mi[:, None] & mj[None, :]
+    near = (r <= (sqi[:, None] + sqj[None, :]) * REFINE) & mi[:, None] & mj[None, :]
     if tl.max(near.to(tl.int32)) > 0:
         r = tl.where(near, _exact_sq_tile(x_ptr, offs_i, offs_j, mi, mj, D, BI, BJ, 4), r)
     return G, r
