@@ -57,7 +57,7 @@ def toolchain(request):
         probe = os.path.join(tmp, "probe.cu")
         with open(probe, "w") as f:
             f.write("__global__ void k(int* p) { *p = 1; }\n")
-        r = subprocess.run([nvcc, "-std=c++17", f"-arch={ARCH}", "-c", probe, "-o", probe + ".o"],
+        r = subprocess.run([nvcc, "-std=c++20", f"-arch={ARCH}", "-c", probe, "-o", probe + ".o"],
                            capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             pytest.skip(f"nvcc cannot compile for {ARCH} here: {(r.stderr or r.stdout).strip()[-300:]}")
@@ -85,7 +85,7 @@ def _compile(toolchain, path):
     for p in (CU_FILES if all_at_once else []) + [path]:
         if p not in _compiled and p not in _running:
             out = os.path.join(tmp, os.path.basename(p) + ".o")
-            cmd = [nvcc, "-std=c++17", f"-arch={ARCH}", "-O3", "-c", p, "-o", out, "-Xcompiler", "-fPIC",
+            cmd = [nvcc, "-std=c++20", f"-arch={ARCH}", "-O3", "-c", p, "-o", out, "-Xcompiler", "-fPIC",
                    "-DTORCH_EXTENSION_NAME=fastkd_native", "-DFASTKD_WITH_CUDA", "-Xptxas", "-v",
                    *ce.COMMON_NVCC_FLAGS, *[f"-I{d}" for d in inc]]
             _running[p] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
