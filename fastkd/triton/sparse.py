@@ -71,10 +71,10 @@ def _online_lse_pair(m, sa, s1, z, inv_T):
 
 @triton.jit
 def _combine_lse(m, s, scale):
-    """log sum over lanes of s * exp((m - max m) * scale), plus max m * scale; -inf if all -inf."""
-    mx = tl.max(m, 0)
-    sh = tl.where(mx == NEG_INF, 0.0, mx)
-    return mx * scale + tl.log(tl.sum(s * tl.exp((m - sh) * scale), 0))
+    """log sum over lanes of s * exp((m - max m) * scale), plus max m * scale; -inf if all -inf
+    (the sum is then 0)."""
+    ref, total = _combine_max_sum(m, s, scale)
+    return ref + tl.log(total)
 
 
 @triton.jit
