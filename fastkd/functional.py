@@ -21,12 +21,16 @@ REDUCTIONS = ("batchmean", "sum", "none")
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_logits(name: str, x) -> None:
+def _check_float(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or "
                         f"float64), got {x.dtype}")
+
+
+def _check_logits(name: str, x) -> None:
+    _check_float(name, x)
     if x.dim() < 1:
         raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
 
@@ -646,11 +650,7 @@ RELATIONAL_FAMILIES = ("rkd_distance", "rkd_angle", "similarity_preserving")
 
 def _check_embeddings(student, teacher, min_rows: int = 2) -> None:
     for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or "
-                            f"float64), got {x.dtype}")
+        _check_float(name, x)
         if x.dim() < 1:
             raise ValueError(f"{name} must be a batch of embeddings [N, ...], got a 0-d tensor")
     if teacher.device != student.device:
@@ -854,14 +854,6 @@ ATTENTION_FAMILIES = ("attention_transfer", "attention_map", "attention_relation
 AT_REDUCTIONS = ("mean", "sum", "none")
 MAP_REDUCTIONS = ("batchmean", "sum", "none")
 _QKV = ("q", "k", "v")
-
-
-def _check_float(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or "
-                        f"float64), got {x.dtype}")
 
 
 def _check_attention_mask(mask, B: int, L: int, device):

@@ -31,6 +31,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "vec_reduce.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -46,24 +48,6 @@ using Vec = at::vec::Vectorized<T>;
 constexpr double kAtEps = 1e-12;        // F.normalize's eps (attention transfer)
 constexpr double kScoreFloor = -100.0;  // TinyBERT: scores <= -1e2 compare as 0 (mse on scores)
 constexpr int64_t kChunk = 1024;        // positions per attention-transfer task
-
-template <typename T>
-inline T hsum(const Vec<T>& v) {  // fixed order
-  __at_align__ T t[Vec<T>::size()];
-  v.store(t);
-  T s = 0;
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += t[i];
-  return s;
-}
-
-template <typename T>
-inline T hmax(const Vec<T>& v) {
-  __at_align__ T t[Vec<T>::size()];
-  v.store(t);
-  T m = t[0];
-  for (int64_t i = 1; i < Vec<T>::size(); ++i) m = std::max(m, t[i]);
-  return m;
-}
 
 template <typename T>
 inline int64_t round_up(int64_t n) {

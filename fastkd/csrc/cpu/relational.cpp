@@ -46,6 +46,7 @@
 #include <torch/library.h>
 
 #include "../relational_checks.h"
+#include "vec_reduce.h"
 
 #include <algorithm>
 #include <array>
@@ -73,15 +74,6 @@ constexpr double kSpEps = 1e-12;     // F.normalize's eps (similarity-preserving
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
-
-template <typename T>
-inline T hsum(const Vec<T>& v) {  // fixed order
-  __at_align__ T t[Vec<T>::size()];
-  v.store(t);
-  T s = 0;
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += t[i];
-  return s;
-}
 
 // Lanes [0, n) set (all bits), the rest 0.
 template <typename T>

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "../kd_checks.h"
+#include "vec_reduce.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -83,25 +84,6 @@ inline Vec vexp(const Vec& v) {
 #else
 inline Vec vexp(const Vec& v) { return v.exp(); }
 #endif
-
-inline float hsum(const Vec& v) {  // fixed order
-  __at_align__ float t[kW];
-  v.store(t);
-  float s = 0.f;
-  for (int64_t i = 0; i < kW; ++i) s += t[i];
-  return s;
-}
-
-inline float hmax(const Vec& v) {  // NaN-propagating
-  __at_align__ float t[kW];
-  v.store(t);
-  float m = t[0];
-  for (int64_t i = 0; i < kW; ++i) {
-    if (std::isnan(t[i])) return t[i];
-    m = std::max(m, t[i]);
-  }
-  return m;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Pass A: one input row (float / Half / BFloat16) -> softcapped fp32 scratch row, -inf padded.
