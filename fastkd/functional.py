@@ -812,10 +812,7 @@ def feature_hint_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torc
     would save a few percent of the time on CPU.
     """
     for name, x in (("student", student), ("teacher", teacher), ("weight", weight)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        _check_float(name, x)
     if student.dim() < 2:
         raise ValueError(f"student must be [N, ..., C] or [N, C, H, W], got {tuple(student.shape)}")
     if weight.dim() != 2:
@@ -841,7 +838,10 @@ def feature_hint_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torc
     if teacher.shape != proj.shape:
         raise ValueError(f"teacher must have the projected student's shape {tuple(proj.shape)}, "
                          f"got {tuple(teacher.shape)}")
-    return torch.nn.functional.mse_loss(proj, teacher.detach().to(proj.dtype))
+    # in the wider dtype of the two (a float32 teacher is not rounded to a bfloat16 student's
+    # precision), returned in the student's dtype like every fastkd loss
+    wide = torch.promote_types(proj.dtype, teacher.dtype)
+    return torch.nn.functional.mse_loss(proj.to(wide), teacher.detach().to(wide)).to(proj.dtype)
 
 
 # --- attention

@@ -512,6 +512,21 @@ def test_feature_hint_loss_linear_and_conv():
     assert fastkd.feature_hint_loss(fm_s, fm_t, hint.proj.weight, hint.proj.bias).shape == ()
 
 
+def test_feature_hint_loss_mixed_dtypes():
+    """A bfloat16 student against a float32 teacher: the MSE is taken in float32 (the teacher is
+    not rounded to bfloat16, whose spacing near 3 is 1.6e-2) and returned in bfloat16."""
+    torch.manual_seed(1)
+    hint = fastkd.FeatureHintLoss(8, 5).to(torch.bfloat16)
+    s = torch.randn(64, 8, dtype=torch.bfloat16)
+    proj = hint.proj(s)
+    t = proj.float() + 1e-3 * torch.randn(64, 5)  # a teacher the projection nearly matches
+    loss = hint(s, t)
+    assert loss.dtype == torch.bfloat16
+    expected = ((proj.double() - t.double()) ** 2).mean()  # float64 reference, about 1e-6
+    assert abs(loss.double() - expected) <= 1e-2 * expected
+    assert abs(loss.double() - expected) < 0.1 * abs(F.mse_loss(proj, t.to(torch.bfloat16)).double() - expected)
+
+
 # ----------------------------------------------------------------------------- errors
 def _bad_calls():
     s, t = torch.randn(5, 4), torch.randn(5, 3)
