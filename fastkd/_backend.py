@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from typing import Callable, Dict, Optional
 
 import torch
@@ -47,19 +48,52 @@ _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 CUDA_VERIFIED: frozenset = frozenset()
 
 
+# The oldest Triton release each family's kernels pass their tests with (run in Triton's
+# interpreter against 3.0 to 3.9): 3.0 and 3.1 gave wrong losses for every family, and Triton
+# before 3.5 rejects the float64 tl.dot of the angle kernel's Gram tiles.
+TRITON_MIN = (3, 2)
+TRITON_MIN_FAMILY = {"rkd_angle": ((3, 5), "its Gram tiles use a float64 tl.dot")}
+# Triton's interpreter before 3.7 turns 1-element arrays into Python ints (every loop over a
+# runtime bound does), which numpy 2.4 refuses.
+INTERPRETER_NUMPY = ((3, 7), (2, 4))
+
+
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as '3.6.0' or '3.5.1+git1234'."""
+    parts = [int(re.match(r"\d*", piece).group() or 0) for piece in version.split(".")[:2]]
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def _versions() -> tuple:
+    """The installed (triton, numpy) versions as strings (a separate function so tests can fake them)."""
+    import numpy
+    import triton
+
+    return triton.__version__, numpy.__version__
+
+
 def _triton_reason(family: str, device_type: str) -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     module = FAMILIES[family][0].replace("fastkd.reference.", "fastkd.triton.")
     if importlib.util.find_spec(module) is None:
         return f"no triton kernel for {family} yet"
-    if device_type == "cuda":
-        return None
-    if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
+    if device_type not in ("cuda", "cpu"):
+        return f"triton does not run on {device_type} tensors"
+    interpreted = device_type == "cpu"
+    if interpreted and os.environ.get("TRITON_INTERPRET") != "1":
         return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (the interpreter, for tests)"
-    return f"triton does not run on {device_type} tensors"
+    triton_version, numpy_version = _versions()
+    least, why = TRITON_MIN_FAMILY.get(family, (TRITON_MIN, "the oldest fastkd's Triton kernels pass their tests with"))
+    if _release(triton_version) < least:
+        return (f"triton {triton_version} is too old for fastkd's {family} kernel: it needs triton >= "
+                f"{least[0]}.{least[1]} ({why}); upgrade triton (with a matching torch) or pick another backend")
+    fixed, numpy_breaks = INTERPRETER_NUMPY
+    if interpreted and _release(triton_version) < fixed and _release(numpy_version) >= numpy_breaks:
+        return (f"the interpreter of triton {triton_version} fails with numpy {numpy_version} (it converts "
+                f"1-element arrays to ints, which numpy >= {numpy_breaks[0]}.{numpy_breaks[1]} refuses): "
+                f"use triton >= {fixed[0]}.{fixed[1]} or numpy < {numpy_breaks[0]}.{numpy_breaks[1]}")
+    return None
 
 
 def _native_reason(family: str, device_type: str) -> Optional[str]:

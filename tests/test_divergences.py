@@ -571,3 +571,37 @@ def test_available_backends_reports_reasons():
     assert set(avail) == {"torch", "cpp", "triton", "cuda"}
     assert avail["torch"] is None
     assert isinstance(avail["cuda"], str) and "CUDA" in avail["cuda"]
+
+
+def test_triton_version_gate(monkeypatch):
+    """A Triton too old for a family's kernel, or an interpreter that cannot run with the
+    installed numpy, makes the triton backend unavailable with a reason naming the versions,
+    and a forced backend="triton" raises it instead of computing a wrong loss."""
+    from fastkd import _backend as B
+
+    pytest.importorskip("triton")
+    assert B._release("3.5.1+git0a1b") == (3, 5) and B._release("3.10.0") == (3, 10)
+    assert B._release("4") == (4, 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def versions(triton, numpy):
+        monkeypatch.setattr(B, "_versions", lambda: (triton, numpy))
+
+    versions("3.1.0", "2.2.6")  # 3.0 and 3.1 gave wrong losses for every family
+    assert "triton >= 3.2" in B.reason("triton", "kd", "cuda")
+    versions("3.4.0", "2.2.6")  # the angle kernel's float64 tl.dot needs 3.5
+    assert B.reason("triton", "kd", "cuda") is None
+    assert B.reason("triton", "kd", "cpu") is None
+    why = B.reason("triton", "rkd_angle", "cuda")
+    assert "triton 3.4.0" in why and "triton >= 3.5" in why and "float64" in why
+    versions("3.6.0", "2.4.6")  # compiled kernels are fine; the interpreter is not
+    assert B.reason("triton", "rkd_angle", "cuda") is None
+    why = B.reason("triton", "kd", "cpu")
+    assert "interpreter" in why and "numpy 2.4.6" in why and "triton >= 3.7" in why
+    versions("3.6.0", "2.3.5")
+    assert B.reason("triton", "kd", "cpu") is None
+    versions("3.7.0", "2.4.6")
+    assert B.reason("triton", "kd", "cpu") is None
+    versions("3.1.0", "2.2.6")
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run kd here: triton 3\.1\.0"):
+        fastkd.kd_loss(torch.randn(2, 8), torch.randn(2, 8), backend="triton")
