@@ -162,6 +162,14 @@ def available_backends(device="cpu", family: str = "kd") -> Dict[str, Optional[s
     return {b: reason(b, family, device_type) for b in BACKENDS}
 
 
+# torch.compile evaluates this once while tracing and keeps the value as a constant: the
+# dynamo of torch 2.4 cannot trace os.environ.get (Mapping.get is in its skip list).
+@torch.compiler.assume_constant_result
+def env(name: str, default: str = "") -> str:
+    """``os.environ.get(name, default)``, for code that torch.compile traces."""
+    return os.environ.get(name, default)
+
+
 def choose(family: str, device: torch.device, backend: Optional[str] = None,
            dtype: Optional[torch.dtype] = None, size: Optional[int] = None) -> str:
     """The backend to run ``family`` with on ``device``: forced, from the environment, or auto.
@@ -169,7 +177,7 @@ def choose(family: str, device: torch.device, backend: Optional[str] = None,
     ``dtype`` and ``size`` (the family's class size, see ``fastkd._tuning.SIZE_OF``) let the
     automatic choice on CUDA take whichever of triton and cuda measured faster for that class.
     """
-    forced = backend if backend is not None else (os.environ.get("FASTKD_BACKEND") or None)
+    forced = backend if backend is not None else (env("FASTKD_BACKEND") or None)
     index = None
     if device.type == "cuda" and forced is None and size is not None:
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from numbers import Number
 from typing import Optional, Union
 
@@ -792,7 +791,7 @@ def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor, *,
     backend compute it from D x D feature Grams, O(N D^2) instead of O(N^2 D), with larger
     fp32 rounding errors (README, "Similarity-preserving from feature Grams").
     """
-    form = os.environ.get("FASTKD_SP_FORM", "")
+    form = _backend.env("FASTKD_SP_FORM")
     if form not in ("", "pairs", "features", "auto"):
         raise ValueError(f"FASTKD_SP_FORM must be pairs, features or auto, got {form!r}")
     student, teacher = _global_batch(student, teacher, process_group)

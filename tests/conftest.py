@@ -56,3 +56,20 @@ def require_cuda_kernel(family: str) -> None:
     if "cuda" in os.environ.get("FASTKD_REQUIRE_BACKENDS", "").split(",") and not B.lacks_kernel("cuda", family):
         pytest.fail(f"backend cuda is required here but unavailable: {why}", pytrace=False)
     pytest.skip(f"backend cuda unavailable: {why}", allow_module_level=True)
+
+
+def require_triton(family: str = "kd", device: str = "") -> None:
+    """At the top of a module that calls fastkd's Triton kernels directly: skip it when the
+    triton backend cannot run ``family`` here (not installed, a Triton release the kernels fail
+    with, an interpreter that fails with this numpy); fail instead where FASTKD_REQUIRE_BACKENDS
+    names triton. ``device="cuda"`` asks about the compiled kernels only (the offline compile
+    tests), not about the interpreter."""
+    pytest.importorskip("triton")
+    import fastkd._backend as B
+
+    why = B.reason("triton", family, device or backend_device("triton"))
+    if why is None:
+        return
+    if "triton" in os.environ.get("FASTKD_REQUIRE_BACKENDS", "").split(",") and not B.lacks_kernel("triton", family):
+        pytest.fail(f"backend triton is required here but unavailable: {why}", pytrace=False)
+    pytest.skip(f"backend triton unavailable: {why}", allow_module_level=True)

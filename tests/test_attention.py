@@ -851,7 +851,9 @@ print("ok")
 def test_triton_kernels_compile_for_sm90():
     """The GPU code path (16-bit tl.dot, register tiles) compiles through ptxas for an H100 even
     on a machine without one: interpreter runs cannot catch GPU-only compile errors."""
-    pytest.importorskip("triton")
+    from conftest import require_triton
+
+    require_triton("attention_relation", "cuda")
     import os
     import subprocess
     import sys

@@ -13,7 +13,9 @@ if not HAS_CUDA:
     # Triton decides interpret mode when the kernels are defined, i.e. at import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest.importorskip("triton")
+from conftest import require_triton  # noqa: E402
+
+require_triton("kd")
 
 from fastkd.reference import divergences as ref  # noqa: E402
 from fastkd.triton import divergences as tri  # noqa: E402

@@ -13,10 +13,11 @@ import torch
 
 import fastkd
 import fastkd.triton
-from conftest import HAS_CUDA, skip_unless_available
+from conftest import HAS_CUDA, require_triton, skip_unless_available
 
 if HAS_CUDA:
     pytest.skip("on a GPU the family suites run these programs natively", allow_module_level=True)
+require_triton("kd")
 
 
 @pytest.fixture(autouse=True)

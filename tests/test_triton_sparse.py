@@ -13,7 +13,9 @@ if not HAS_CUDA:
     # Triton decides interpret mode when the kernels are defined, i.e. at import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest.importorskip("triton")
+from conftest import require_triton  # noqa: E402
+
+require_triton("sparse_kd")
 
 from fastkd.reference import sparse as ref  # noqa: E402
 from fastkd.reference.divergences import DIVERGENCES  # noqa: E402
