@@ -837,9 +837,9 @@ def feature_hint_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torc
     if teacher.shape != proj.shape:
         raise ValueError(f"teacher must have the projected student's shape {tuple(proj.shape)}, "
                          f"got {tuple(teacher.shape)}")
-    # in the wider dtype of the two (a float32 teacher is not rounded to a bfloat16 student's
-    # precision), returned in the student's dtype like every fastkd loss
-    wide = torch.promote_types(proj.dtype, teacher.dtype)
+    # in float32 at least, and in the wider dtype of the two (a float32 teacher is not rounded
+    # to a bfloat16 student's precision), returned in the student's dtype like every fastkd loss
+    wide = torch.promote_types(torch.promote_types(proj.dtype, teacher.dtype), torch.float32)
     return torch.nn.functional.mse_loss(proj.to(wide), teacher.detach().to(wide)).to(proj.dtype)
 
 
