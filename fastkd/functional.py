@@ -288,13 +288,21 @@ class _SparseKDFunction(torch.autograd.Function):
         return (gs,) + (None,) * 8
 
 
+def _fresh(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` as a new tensor, never ``x`` itself or a view of it: what every
+    autograd.Function here returns. Under torch.compile in torch 2.11, a Function whose output
+    aliases one of its forward's intermediates (a no-op ``.to()``, a ``reshape`` view) gave its
+    inputs zero gradients (tests/test_functional.py::test_compiled_gradients_are_eager_gradients)."""
+    return x.to(dtype, copy=True)
+
+
 def _reduce(loss, reduction, denom, lead_shape, dtype):
     if reduction == "none":
-        return loss.reshape(lead_shape).to(dtype)
+        return _fresh(loss.reshape(lead_shape), dtype)
     total = loss.sum()
     if reduction == "batchmean":
         total = total / denom
-    return total.to(dtype)
+    return _fresh(total, dtype)
 
 
 def _denominator(labels, n_rows: int, ignore_index: int, num_items_in_batch, device):
@@ -697,7 +705,7 @@ class _RelationalFunction(torch.autograd.Function):
         ctx.used = False
         ctx.shape = student.shape
         ctx.save_for_backward(gs)
-        return loss.to(student.dtype)
+        return _fresh(loss, student.dtype)
 
     @staticmethod
     @_differentiable_once
@@ -901,7 +909,7 @@ class _AttentionTransferFunction(torch.autograd.Function):
             out = loss.sum()
         else:
             out = loss.sum() / (B * N)
-        return out.to(student.dtype)
+        return _fresh(out, student.dtype)
 
     @staticmethod
     @_differentiable_once
@@ -1149,7 +1157,7 @@ class _AttentionRelationFunction(torch.autograd.Function):
                                                    scale_t, loss, lse_s, lse_t)
         ctx.cfg = (backend, heads, scale_s, scale_t)
         ctx.save_for_backward(xs_m, xs_n, xt_m, xt_n, mask, weight, lse_s, lse_t)
-        return (loss.sum((1, 2)) * weight).sum().to(xs_m.dtype)
+        return _fresh((loss.sum((1, 2)) * weight).sum(), xs_m.dtype)
 
     @staticmethod
     @_differentiable_once

@@ -31,8 +31,10 @@ def default_chunk_size(n_rows: int, vocab: int, s_dtype, t_dtype, device) -> int
     per_row = vocab * (torch.finfo(s_dtype).bits + torch.finfo(t_dtype).bits) // 8
     budget = _CHUNK_BYTES.get(torch.device(device).type, 1 << 28)
     c = max(16, min(4096, budget // max(per_row, 1)))
-    c = 1 << (c.bit_length() - 1)  # a power of two, friendly to matmul tiling
-    return max(1, min(c, n_rows))
+    p = 16  # the largest power of two <= c, friendly to matmul tiling (no int.bit_length:
+    while p * 2 <= c:  # torch 2.4's dynamo cannot trace it)
+        p *= 2
+    return max(1, min(p, n_rows))
 
 
 def _accumulate_weight_grad(acc, g, h):
@@ -46,10 +48,13 @@ def _accumulate_weight_grad(acc, g, h):
 
 
 def _linear_into(out, h, w, b):
-    """F.linear(h, w, b) written into ``out`` (a reused chunk buffer)."""
+    """F.linear(h, w, b) written into ``out`` (a reused chunk buffer). The gradients are
+    computed by hand, so the inputs are detached: out= refuses inputs that require grad, and
+    torch 2.4's dynamo traces a Function's forward with grad mode on."""
+    h, w = h.detach(), w.detach()
     if b is None:
         return torch.mm(h, w.t(), out=out)
-    return torch.addmm(b, h, w.t(), out=out)
+    return torch.addmm(b.detach(), h, w.t(), out=out)
 
 
 def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, params,
@@ -86,8 +91,8 @@ def chunked_kd(hs, ws, bs, ht, wt, bt, labels, rows, backend, vocab, chunk, para
     zs_buf = zt_buf = None
     if n > 0:
         rows_max = min(chunk, n)
-        zs_buf = torch.empty((rows_max, vocab), dtype=torch.result_type(hs, ws_k), device=dev)
-        zt_buf = torch.empty((rows_max, vocab), dtype=torch.result_type(ht, wt_k), device=dev)
+        zs_buf = torch.empty((rows_max, vocab), dtype=torch.promote_types(hs.dtype, ws_k.dtype), device=dev)
+        zt_buf = torch.empty((rows_max, vocab), dtype=torch.promote_types(ht.dtype, wt_k.dtype), device=dev)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         idx = None if rows is None else rows[c0:c1]
