@@ -65,10 +65,14 @@ def _release(version: str) -> tuple:
 
 
 def _versions() -> tuple:
-    """The installed (triton, numpy) versions as strings (a separate function so tests can fake them)."""
-    import numpy
+    """The installed (triton, numpy) versions as strings (a separate function so tests can fake
+    them); numpy "0" when it is missing (compiled Triton kernels do not need it)."""
     import triton
 
+    try:
+        import numpy
+    except ImportError:
+        return triton.__version__, "0"
     return triton.__version__, numpy.__version__
 
 
