@@ -15,6 +15,27 @@ if not HAS_CUDA:
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the README's test command): one worker per core, at most 8. Each worker is a
+    torch process of its own (about 1 GiB at its peak here), and past 8 the slowest files, not
+    the worker count, bound the run."""
+    return max(1, min(_cores(), 8))
+
+
+# Under pytest-xdist the workers share the cores: each takes its share of torch's intra-op
+# threads instead of all of them, so the C++ kernels' parallel loops do not oversubscribe the
+# machine. (Tests that are about thread counts set them explicitly.)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
+    torch.set_num_threads(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
 def backend_device(backend: str) -> str:
     """Where a backend's tests run: the GPU when there is one, else the CPU (triton interpreted)."""
     if backend == "cpp":

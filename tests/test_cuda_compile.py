@@ -18,6 +18,11 @@ import pytest
 import torch
 from torch.utils import cpp_extension as ce
 
+# Under pytest-xdist (`--dist loadgroup`, the README's test command) every test of this file
+# runs on one worker: the fixture below starts nvcc on all files at once, and a second worker
+# would start them all again.
+pytestmark = pytest.mark.xdist_group("nvcc")
+
 CSRC = os.path.join(os.path.dirname(__file__), "..", "fastkd", "csrc")
 CU_FILES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
 ARCH = "sm_90"
