@@ -27,7 +27,7 @@ def test_readme_commands_are_one_line_each():
     for cmd in (main, test):
         assert cmd.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install -e ")
     assert main.endswith("python -m fastkd.bench")
-    assert '".[test,hf]"' in test and test.endswith("python -m pytest -q -n auto --dist loadgroup")
+    assert '".[test,hf]"' in test and test.endswith("python -m pytest -q -n auto")
 
 
 def test_ci_runs_the_readme_test_command():
