@@ -39,12 +39,21 @@ Every invocation writes DIR/summary.md and DIR/summary.json from the stage resul
 On a GPU machine borrowed for 15 minutes in all (its start, a minute or two, included), at most
 10 per command, that hands back only a few files of a command's output folder: one command that
 does everything in order of worth, its working folder elsewhere and three files delivered into
-the returned folder after every stage; then, on the machine still warm, one short command for
-what the first left (its summary says which):
+the returned folder after every stage; then, on the machine still warm (it goes back after a
+short idle time: send the second command at once), one short command for what the first left
+(its summary says which):
     python benchmarks/gpu_report.py --out /tmp/r1 --deliver RETURNED --budget-s 560   # ~10 min
-    python benchmarks/gpu_report.py --out /tmp/r2 --deliver RETURNED --stages env,tests,tune --budget-s 200
-(a fresh machine recompiles the extension, ~1.5 minutes; a warm one reuses it), then, at your
-desk: unpack each fastkd-gpu-report.tar.gz and --summarize <the unpacked report folders> --out <folder>.
+    python benchmarks/gpu_report.py --out /tmp/r2 --deliver RETURNED --stages env,tests,tune --budget-s 150
+then, at your desk: unpack each fastkd-gpu-report.tar.gz and --summarize <the unpacked report
+folders> --out <folder>.
+
+Compiling the extension there costs minutes of that time (attention.cu alone is three minutes of
+one core). Build it beforehand on any machine with nvcc and the GPU machine's Python and torch
+(3.12, 2.11.0+cu130):
+    python benchmarks/gpu_report.py --prebuild          # fastkd/_C.so for sm_90, + _C.so.digest
+and carry fastkd/_C.so and fastkd/_C.so.digest with the tree. A run uses the .so only while
+fastkd/csrc still has the digest it was built from; otherwise it renames it _C.so.stale and the
+build stage compiles the sources as usual (the build stage's "prebuilt" field says which).
 
 Liger-Kernel is pure Python but not installed on a machine without network: download its wheel
 beforehand (`pip download liger-kernel --no-deps -d benchmarks/wheels`, a git-ignored folder that
@@ -170,6 +179,88 @@ def child_env() -> dict:
     return out
 
 
+PREBUILT = os.path.join(ROOT, "fastkd", "_C.so")  # setup.py's in-place build (no ABI suffix)
+
+
+def csrc_digest() -> str:
+    """sha1 of every native source (fastkd/csrc: names and contents): what a prebuilt extension
+    was compiled from."""
+    import hashlib
+
+    h = hashlib.sha1()
+    base = os.path.join(ROOT, "fastkd", "csrc")
+    for path in sorted(glob.glob(os.path.join(base, "**", "*"), recursive=True)):
+        if os.path.isfile(path) and path.endswith((".cpp", ".h", ".cu", ".cuh")):
+            h.update(os.path.relpath(path, base).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read() + b"\0")
+    return h.hexdigest()
+
+
+def prebuild(arch: str) -> int:
+    """Build fastkd/_C.so in place for the GPU machine, on any machine with nvcc and the same
+    Python and CUDA build of torch (the GPU machine's: Python 3.12, torch 2.11.0+cu130), so the
+    borrowed minutes are not spent compiling (3 minutes of one core for attention.cu alone).
+    The CPU kernels are built for x86-64-v3 (AVX2), not -march=native, since the GPU machine's CPU
+    is another. Writes fastkd/_C.so.digest; a run whose sources differ sets the .so aside."""
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    if not torch.version.cuda:
+        print(f"--prebuild needs a CUDA build of torch (this one is {torch.__version__})", file=sys.stderr)
+        return 2
+    # the toolkit folder, with bin/nvcc and lib64/libcudart.so (the link needs both): nvcc on PATH
+    # may be a link or a wrapper script outside it, so try the usual places too
+    nvcc = shutil.which("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), ce.CUDA_HOME,
+             nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda",
+             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    cuda_home = next((h for h in homes if h and os.path.exists(os.path.join(h, "bin", "nvcc"))
+                      and os.path.exists(os.path.join(h, "lib64", "libcudart.so"))), None)
+    if cuda_home is None:
+        print("--prebuild: no CUDA toolkit with bin/nvcc and lib64/libcudart.so found (set CUDA_HOME)",
+              file=sys.stderr)
+        return 2
+    env = dict(os.environ, FASTKD_BUILD_EXT="1", FASTKD_MARCH=os.environ.get("FASTKD_MARCH", "x86-64-v3"),
+               TORCH_CUDA_ARCH_LIST=arch, CUDA_HOME=cuda_home)
+    for stale in (PREBUILT, PREBUILT + ".digest"):
+        if os.path.exists(stale):
+            os.remove(stale)
+    digest = csrc_digest()
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env)
+    if r.returncode != 0 or not os.path.exists(PREBUILT):
+        print(f"--prebuild: the build failed (rc {r.returncode})", file=sys.stderr)
+        return 1
+    if shutil.which("strip"):
+        subprocess.run(["strip", "--strip-debug", PREBUILT], check=False)
+    with open(PREBUILT + ".digest", "w") as f:
+        f.write(digest + "\n")
+    size = os.path.getsize(PREBUILT) / 2**20
+    print(f"built {os.path.relpath(PREBUILT, ROOT)} ({size:.1f} MiB, {time.perf_counter() - t0:.0f} s) for "
+          f"sm_{arch.replace('.', '')}, torch {torch.__version__}, Python {sys.version.split()[0]}; carry "
+          f"fastkd/_C.so and fastkd/_C.so.digest to the GPU machine")
+    return 0
+
+
+def check_prebuilt() -> str:
+    """'' without a prebuilt extension; 'used' when fastkd/_C.so was built from these sources;
+    otherwise it is renamed to _C.so.stale (so that the stages compile the sources) and the
+    reason returned."""
+    if not os.path.exists(PREBUILT):
+        return ""
+    try:
+        with open(PREBUILT + ".digest") as f:
+            recorded = f.read().strip()
+    except OSError:
+        recorded = ""
+    if recorded == csrc_digest():
+        return "used"
+    os.replace(PREBUILT, PREBUILT + ".stale")
+    return ("set aside: " + ("built from other sources" if recorded else "no .digest beside it")
+            + "; compiling fastkd/csrc instead")
+
+
 def child_build() -> dict:
     import torch
 
@@ -180,7 +271,8 @@ def child_build() -> dict:
     took = time.perf_counter() - t0
     out = {"ok": ok, "seconds": round(took, 1), "how": _native._state.get("how"), "reason": _native.reason(),
            "cuda_reason": _native.cuda_reason() if ok else None,
-           "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST")}
+           "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
+           "prebuilt": os.environ.get("FASTKD_REPORT_PREBUILT", "")}
     out["kd_fwd_cuda_kernel"] = bool(ok) and torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::kd_fwd", "CUDA")
     from fastkd import _backend
 
@@ -875,6 +967,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wheels", metavar="DIR", help="install these wheels (e.g. liger-kernel) for this run only")
     ap.add_argument("--deliver", metavar="DIR", help=f"after each stage, put summary.md, summary.json and {PACK} "
                     "(all of --out) here, for machines that hand back only a few files")
+    ap.add_argument("--prebuild", nargs="?", const="9.0", metavar="ARCH",
+                    help="build fastkd/_C.so here for a GPU of this compute capability (default 9.0) and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -885,6 +979,9 @@ def main(argv=None) -> int:
         with open(args.result, "w") as f:
             json.dump(res, f, indent=1, default=str)
         return 0
+
+    if args.prebuild:
+        return prebuild(args.prebuild)
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
@@ -917,6 +1014,10 @@ def main(argv=None) -> int:
 
     runner = Runner(args.out, args.budget_s)
     os.environ["FASTKD_REPORT_OUT"] = os.path.abspath(args.out)
+    prebuilt = check_prebuilt()
+    os.environ["FASTKD_REPORT_PREBUILT"] = prebuilt
+    if prebuilt:
+        runner.log(f"prebuilt fastkd/_C.so: {prebuilt}")
     if args.wheels:
         _install_wheels(runner, args.wheels)
     runner.log(f"gpu_report: stages {','.join(stages)}, budget {args.budget_s:.0f}s, out {os.path.abspath(args.out)}")

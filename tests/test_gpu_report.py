@@ -273,3 +273,43 @@ def test_deliver_hands_back_three_files_that_unpack_to_the_report(gr, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "again" / "summary.md").read_text() == (dest / "summary.md").read_text().replace(
         str(run), str(report))
+
+
+def test_a_prebuilt_extension_is_used_only_with_its_sources(gr, tmp_path, monkeypatch):
+    """--prebuild records the digest of fastkd/csrc beside fastkd/_C.so; a run uses the .so only
+    while the sources still have that digest, else sets it aside so the stages compile them."""
+    csrc = tmp_path / "fastkd" / "csrc"
+    (csrc / "cuda").mkdir(parents=True)
+    (csrc / "fastkd.cpp").write_text("// ops\n")
+    (csrc / "cuda" / "kd.cu").write_text("// kernel v1\n")
+    so = tmp_path / "fastkd" / "_C.so"
+    monkeypatch.setattr(gr, "ROOT", str(tmp_path))
+    monkeypatch.setattr(gr, "PREBUILT", str(so))
+    assert gr.check_prebuilt() == ""  # none: nothing to say
+
+    digest = gr.csrc_digest()
+    (csrc / "notes.txt").write_text("not a source")
+    assert gr.csrc_digest() == digest
+    so.write_bytes(b"\x7fELF")
+    (tmp_path / "fastkd" / "_C.so.digest").write_text(digest + "\n")
+    assert gr.check_prebuilt() == "used" and so.exists()
+
+    (csrc / "cuda" / "kd.cu").write_text("// kernel v2\n")  # edited after the build
+    edited = gr.csrc_digest()
+    assert edited != digest
+    why = gr.check_prebuilt()
+    assert why.startswith("set aside: built from other sources"), why
+    assert not so.exists() and (tmp_path / "fastkd" / "_C.so.stale").exists()
+
+    so.write_bytes(b"\x7fELF")  # a .so without its digest file
+    (tmp_path / "fastkd" / "_C.so.digest").unlink()
+    assert gr.check_prebuilt().startswith("set aside: no .digest") and not so.exists()
+
+    (csrc / "cuda" / "kd.cu").rename(csrc / "cuda" / "kd2.cu")  # a renamed file changes it too
+    assert gr.csrc_digest() != edited
+
+
+@pytest.mark.skipif(bool(__import__("torch").version.cuda), reason="checks the refusal on a CPU build of torch")
+def test_prebuild_needs_a_cuda_build_of_torch():
+    r = _run("--prebuild")
+    assert r.returncode == 2 and "needs a CUDA build of torch" in r.stderr

@@ -345,7 +345,8 @@ def test_cuda_sources_need_a_known_gpu(monkeypatch, tmp_path):
 def test_failed_cuda_build_keeps_the_cpu_kernels():
     """When the CUDA half of the build fails, the extension is built again without it (a
     warning, and cuda_reason() says why) instead of losing the CPU kernels too."""
-    code = ("import warnings, torch, fastkd._native as n\n"
+    code = ("import sys, warnings, torch, fastkd._native as n\n"
+            "sys.modules['fastkd._C'] = None\n"  # the JIT path, even beside an ahead-of-time build
             "from torch.utils import cpp_extension as ce\n"
             "n._cuda_skip_reason = lambda ce, cu: ''\n"
             "real = ce.load\n"
