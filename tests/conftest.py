@@ -23,9 +23,8 @@ def _cores() -> int:
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (the README's test command): one worker per core, at most 8. Each worker is a
-    torch process of its own (about 1 GiB at its peak here), and past 8 the slowest files, not
-    the worker count, bound the run."""
+    """``-n auto`` (the README's test command): one worker per core, at most 8, since each worker
+    is a torch process of its own (up to about 1 GiB resident each in a 2-core run)."""
     return max(1, min(_cores(), 8))
 
 
